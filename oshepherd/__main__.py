@@ -1,0 +1,3 @@
+from oshepherd.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The gateway's own errors, and the one place they become HTTP responses.
+
+``ApiError`` carries an Ollama status and message. The response shape depends on the
+surface: Ollama's ``{"error": "..."}`` on ``/api``, OpenAI's ``{"error": {...}}`` on ``/v1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+__all__ = ["ApiError", "error_body", "install_handlers", "is_openai", "json_response"]
+
+JSON = "application/json; charset=utf-8"
+OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+
+class ApiError(Exception):
+    """An error the gateway answers itself, before any byte of a response has left."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_body(path: str, status: int, message: str) -> bytes:
+    """The error object a client of ``path``'s surface expects."""
+    if is_openai(path):
+        kind = OPENAI_TYPES.get(status, "api_error")
+        detail = {"message": message, "type": kind, "param": None, "code": None}
+        return orjson.dumps({"error": detail})
+    return orjson.dumps({"error": message})
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON, headers=headers)
+
+
+def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    body = error_body(request.url.path, exc.status, exc.message)
+    return Response(body, status_code=exc.status, media_type=JSON, headers=headers)
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+    body = error_body(request.url.path, exc.status_code, message)
+    return Response(body, status_code=exc.status_code, media_type=JSON, headers=exc.headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)

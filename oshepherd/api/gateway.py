@@ -1,0 +1,65 @@
+"""The API process's long-lived parts, built at start-up and reached from every route."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from redis.asyncio import Redis
+
+from oshepherd.api.hub import Hub
+from oshepherd.api.jobs import Dispatcher
+from oshepherd.api.registry import Registry
+from oshepherd.config import ApiSettings
+from oshepherd.protocol import new_id
+
+__all__ = ["Gateway", "gateway"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    settings: ApiSettings
+    redis: Redis
+    hub: Hub
+    registry: Registry
+    dispatcher: Dispatcher
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: ApiSettings) -> Gateway:
+        redis = Redis.from_url(
+            settings.redis, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
+        )
+        hub = Hub(redis, api_id=new_id()[:12])
+        registry = Registry(redis, refresh=settings.registry_refresh)
+        return cls(settings, redis, hub, registry, Dispatcher(redis, hub, registry, settings))
+
+    async def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self.hub.run_forever()),
+            asyncio.create_task(self.registry.run_forever()),
+        ]
+        if not await self.hub.wait_ready(timeout=10):
+            log.warning("Redis at %s is not answering yet; will keep trying", _redacted(self.settings.redis))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"

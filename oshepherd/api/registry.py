@@ -1,0 +1,87 @@
+"""The API's in-memory view of the live workers, refreshed from Redis about once a second."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from oshepherd.models import normalize
+from oshepherd.protocol import WORKERS_INDEX, ProtocolError, WorkerEntry, worker_key
+
+__all__ = ["Registry"]
+
+log = logging.getLogger(__name__)
+
+
+def _model_names(entries: Iterable[dict[str, object]]) -> set[str]:
+    return {normalize(str(m.get("model") or m.get("name") or "")) for m in entries}
+
+
+class Registry:
+    def __init__(self, redis: Redis, *, refresh: float) -> None:
+        self._redis = redis
+        self._interval = refresh
+        self._refreshed = 0.0
+        self._lock = asyncio.Lock()
+        self.workers: dict[str, WorkerEntry] = {}
+        self._holders: dict[str, list[WorkerEntry]] = {}
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except RedisError as exc:
+                log.warning("registry refresh failed: %r", exc)
+                self._forget_expired()
+            await asyncio.sleep(self._interval)
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            now = time.time()
+            ids = await self._redis.zrangebyscore(WORKERS_INDEX, now, "+inf")
+            raw = await self._redis.mget([worker_key(i.decode()) for i in ids]) if ids else []
+            workers = {}
+            for item in raw:
+                if item is None:
+                    continue
+                try:
+                    entry = WorkerEntry.from_json(item)
+                except ProtocolError as exc:
+                    log.warning("ignoring a registry entry: %s", exc)
+                    continue
+                workers[entry.id] = entry
+            self._install(workers)
+            self._refreshed = time.monotonic()
+
+    async def refresh_if_older(self, age: float) -> None:
+        """Refresh now unless the view is younger than ``age`` seconds (a cheap miss path)."""
+        if time.monotonic() - self._refreshed > age:
+            await self.refresh()
+
+    def _install(self, workers: dict[str, WorkerEntry]) -> None:
+        holders: dict[str, list[WorkerEntry]] = {}
+        for entry in workers.values():
+            for name in _model_names(entry.models):
+                holders.setdefault(name, []).append(entry)
+        self.workers = workers
+        self._holders = holders
+
+    def _forget_expired(self) -> None:
+        now = time.time()
+        self._install({k: w for k, w in self.workers.items() if w.expires > now})
+
+    def holders(self, model: str) -> list[WorkerEntry]:
+        """Workers whose host has ``model`` (normalized), healthy or not."""
+        return self._holders.get(model, [])
+
+    def healthy_holders(self, model: str) -> list[WorkerEntry]:
+        return [w for w in self.holders(model) if w.healthy]
+
+    def alive(self, worker_id: str) -> bool:
+        entry = self.workers.get(worker_id)
+        return entry is not None and entry.expires > time.time()

@@ -1,0 +1,131 @@
+"""Ollama's native API: model-bound calls become jobs, fleet calls read the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import PlainTextResponse, Response
+
+from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
+from oshepherd.api.errors import ApiError, json_response
+from oshepherd.api.gateway import gateway
+from oshepherd.api.relay import RelayResponse
+from oshepherd.models import normalize
+from oshepherd.protocol import WorkerEntry
+
+__all__ = ["router"]
+
+router = APIRouter()
+Check = Callable[[dict[str, Any]], None]
+
+
+def route(path: str, methods: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``path`` and ``path/`` (the original oshepherd documented the latter)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        for p in (path, path + "/") if path != "/" else (path,):
+            router.add_api_route(p, endpoint, methods=methods, include_in_schema=p == path, response_model=None)
+        return endpoint
+
+    return register
+
+
+async def forward(request: Request, path: str, check: Check | None = None) -> RelayResponse:
+    """Queue the request body for a worker holding its model and relay the answer."""
+    gw = gateway(request)
+    body: Body = await read_body(request, gw.settings.max_body_bytes)
+    model = model_name(body.data, "model", "name")
+    stream_flag(body.data, default=True)
+    if check is not None:
+        check(body.data)
+    stream = await gw.dispatcher.submit("POST", path, body.text, model)
+    return RelayResponse(stream, request.url.path)
+
+
+def _check_messages(data: dict[str, Any]) -> None:
+    messages = data.get("messages")
+    if messages is None:
+        return
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ApiError(400, "invalid value for 'messages': expected a list of message objects")
+
+
+def _check_input(data: dict[str, Any]) -> None:
+    value = data.get("input")
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, "invalid value for 'input': expected a string or a list of strings")
+
+
+@route("/api/generate", ["POST"])
+async def generate(request: Request) -> RelayResponse:
+    return await forward(request, "/api/generate")
+
+
+@route("/api/chat", ["POST"])
+async def chat(request: Request) -> RelayResponse:
+    return await forward(request, "/api/chat", _check_messages)
+
+
+@route("/api/embed", ["POST"])
+async def embed(request: Request) -> RelayResponse:
+    return await forward(request, "/api/embed", _check_input)
+
+
+@route("/api/embeddings", ["POST"])
+async def embeddings(request: Request) -> RelayResponse:
+    return await forward(request, "/api/embeddings")
+
+
+@route("/api/show", ["POST"])
+async def show(request: Request) -> RelayResponse:
+    return await forward(request, "/api/show")
+
+
+@route("/", ["GET", "HEAD"])
+async def root() -> Response:
+    return PlainTextResponse("Ollama is running")
+
+
+@route("/api/version", ["GET", "HEAD"])
+async def version(request: Request) -> Response:
+    """The lowest Ollama version in the fleet: clients gate features on it."""
+    versions = [w.version for w in _healthy(request) if w.version]
+    return json_response({"version": min(versions, key=_version_key, default="0.0.0")})
+
+
+@route("/api/tags", ["GET"])
+async def tags(request: Request) -> Response:
+    return json_response({"models": merged(_healthy(request), "models")})
+
+
+@route("/api/ps", ["GET"])
+async def ps(request: Request) -> Response:
+    return json_response({"models": merged(_healthy(request), "running")})
+
+
+def _healthy(request: Request) -> list[WorkerEntry]:
+    workers = gateway(request).registry.workers.values()
+    return sorted((w for w in workers if w.healthy), key=lambda w: w.id)
+
+
+def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
+    """One entry per model across ``workers``, Ollama's shape plus the ``workers`` holding it."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for worker in workers:
+        for entry in getattr(worker, field):
+            key = normalize(str(entry.get("model") or entry.get("name") or ""))
+            merged_entry = by_name.setdefault(key, {**entry, "workers": []})
+            merged_entry["workers"].append(worker.id)
+    return list(by_name.values())
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("-")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

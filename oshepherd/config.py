@@ -1,0 +1,105 @@
+"""Settings of the API and the worker, read from an env file and the environment.
+
+The names of the original oshepherd templates keep working (``HOST``, ``PORT``,
+``CELERY_BROKER_URL``, ``CELERY_BACKEND_URL``, ``OLLAMA_BASE_URL``, ``CONCURRENCY``,
+``LOGLEVEL``). Settings objects are built explicitly by the CLI or the tests, never at
+import time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "load"]
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+# kombu's Redis visibility timeout: an unacked message is handed out again after it.
+VISIBILITY_TIMEOUT = 3600.0
+
+S = TypeVar("S", bound="CommonSettings")
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    celery_broker_url: str = DEFAULT_REDIS
+    celery_backend_url: str | None = None
+    redis_url: str | None = Field(
+        default=None, description="Pub/Sub and registry; defaults to CELERY_BROKER_URL"
+    )
+    loglevel: str = "INFO"
+
+    @field_validator("celery_broker_url", "redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("loglevel")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or self.celery_broker_url
+
+
+class ApiSettings(CommonSettings):
+    """The HTTP front end (``oshepherd start-api``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=0, le=65535)
+    queue_timeout: float = Field(
+        default=120.0, gt=0, lt=VISIBILITY_TIMEOUT, description="latest start of a job (s)"
+    )
+    stall_timeout: float = Field(default=60.0, gt=0, description="silence that ends a job (s)")
+    max_queue_depth: int = Field(default=512, ge=1, description="jobs waiting per model")
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    registry_refresh: float = Field(default=1.0, gt=0)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    ollama_origins: str = Field(default="", description="extra CORS origins, comma-separated")
+    embed_batch_size: int = Field(default=256, ge=1)
+
+
+class WorkerSettings(CommonSettings):
+    """A worker beside one Ollama host (``oshepherd start-worker``)."""
+
+    ollama_base_url: str = "http://127.0.0.1:11434"
+    concurrency: int = Field(default=1, ge=1, le=256, description="slots: jobs run at once")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    models_interval: float = Field(default=5.0, gt=0, description="re-read Ollama's models (s)")
+    ping_interval: float = Field(default=5.0, gt=0)
+    shutdown_timeout: float = Field(default=60.0, ge=0, description="finish in-flight jobs (s)")
+
+    @field_validator("ollama_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _worker_id(self) -> Self:
+        if self.worker_id.strip() != self.worker_id or not self.worker_id:
+            raise ValueError("WORKER_ID must be non-empty and without surrounding spaces")
+        return self
+
+    @property
+    def registry_ttl(self) -> float:
+        """A worker that missed three heartbeats vanishes from the registry by itself."""
+        return self.heartbeat_interval * 3
+
+
+def load(cls: type[S], env_file: Path | None, **overrides: Any) -> S:
+    """Settings from ``env_file`` and the environment; non-None ``overrides`` win."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return cls(_env_file=env_file, **given)  # type: ignore[call-arg]

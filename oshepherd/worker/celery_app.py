@@ -1,0 +1,109 @@
+"""The Celery side of a worker: the task, the queue-following bootstep, and the app.
+
+Ack policy: *early ack, no prefetch*. A job is acknowledged when a pool thread starts it,
+and ``worker_disable_prefetch`` makes the consumer fetch only when a slot is free. So a
+generation longer than kombu's visibility timeout is never handed out again while it runs
+(that is what acks_late would do), a worker holds no job it is not running, and a job whose
+worker dies is re-run by the API, at most once, only if its client had received nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.signals import worker_shutting_down
+from celery.worker.consumer import Consumer
+
+from oshepherd.config import VISIBILITY_TIMEOUT, WorkerSettings
+from oshepherd.protocol import TASK_NAME, worker_queue
+from oshepherd.worker.runtime import WorkerRuntime
+
+__all__ = ["make_app", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_SYNC_INTERVAL = 1.0
+
+
+def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
+    app = Celery("oshepherd", broker=settings.celery_broker_url, backend=settings.celery_backend_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        worker_enable_remote_control=False,
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        task_default_queue=worker_queue(settings.worker_id),
+    )
+
+    @app.task(name=TASK_NAME, ignore_result=True)
+    def run_job(job: dict[str, Any]) -> None:
+        runtime.run(job)
+
+    class FollowModels(bootsteps.StartStopStep):
+        """Consume exactly the queues of the models the host has, following its changes."""
+
+        requires = {"celery.worker.consumer.tasks:Tasks"}
+
+        def start(self, c: Consumer) -> None:
+            self._timer = c.timer.call_repeatedly(QUEUE_SYNC_INTERVAL, self.sync, (c,))
+            self.sync(c)
+
+        def stop(self, c: Consumer) -> None:
+            self._timer.cancel()
+
+        def sync(self, c: Consumer) -> None:
+            if c.task_consumer is None:
+                return
+            wanted = runtime.model_queues
+            current = {q.name for q in c.task_consumer.queues}
+            own = worker_queue(settings.worker_id)
+            for name in wanted - current:
+                log.info("consuming %s", name)
+                c.add_task_queue(name)
+            for name in current - wanted - {own}:
+                log.info("no longer consuming %s", name)
+                c.cancel_task_queue(name)
+
+    app.steps["consumer"].add(FollowModels)
+    return app
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Run a worker until it is told to stop; returns its exit code."""
+    runtime = WorkerRuntime(settings)
+    runtime.start()
+    app = make_app(settings, runtime)
+
+    def on_shutting_down(**_: Any) -> None:
+        runtime.drain()
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
+    try:
+        worker = app.Worker(
+            hostname=f"{settings.worker_id}@oshepherd",
+            pool_cls="threads",
+            concurrency=settings.concurrency,
+            queues=[worker_queue(settings.worker_id)],
+            loglevel=settings.loglevel,
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+            quiet=True,
+        )
+        worker.start()
+        return int(worker.exitcode or 0)
+    finally:
+        worker_shutting_down.disconnect(on_shutting_down)
+        runtime.stop()

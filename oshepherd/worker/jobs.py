@@ -1,0 +1,105 @@
+"""Running one job: claim it, forward it to Ollama, stream Ollama's bytes back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpx
+from redis.asyncio import Redis
+
+from oshepherd.protocol import Frame, Job, cancel_key, claim_key, encode_frame
+from oshepherd.worker.ollama import OllamaHost
+from oshepherd.worker.outbox import Outbox
+
+__all__ = ["JobRunner"]
+
+log = logging.getLogger(__name__)
+
+# Skip a cancelled job, take the attempt exactly once, and tell the API who took it: one
+# round trip. KEYS: cancel, claim. ARGV: claim ttl (s), channel, start frame.
+CLAIM_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+CLAIM_TTL = 2 * 3600
+
+
+class JobRunner:
+    """Runs jobs on the worker's event loop; every job shares one Ollama connection pool."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        host: OllamaHost,
+        *,
+        worker_id: str,
+        ping_interval: float,
+        on_unreachable: Callable[[str], None],
+    ) -> None:
+        self._redis = redis
+        self._host = host
+        self._worker_id = worker_id
+        self._ping_interval = ping_interval
+        self._on_unreachable = on_unreachable
+        self._claim = redis.register_script(CLAIM_SCRIPT)
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self, job: Job) -> None:
+        """Run ``job`` unless it is past its deadline, cancelled or already taken."""
+        if job.expired():
+            log.info("job %s: past its deadline, skipped", job.id)
+            return
+        start = encode_frame(Frame("start", 0, job.attempt, meta={"worker": self._worker_id}))
+        keys = [cancel_key(job.id), claim_key(job.id, job.attempt)]
+        if not await self._claim(keys=keys, args=[CLAIM_TTL, job.channel, start]):
+            log.info("job %s: cancelled or already claimed, skipped", job.id)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.in_flight[job.id] = task
+        try:
+            await self._forward(job)
+        except asyncio.CancelledError:
+            log.info("job %s: cancelled by its client", job.id)
+        finally:
+            del self.in_flight[job.id]
+
+    def cancel(self, job_id: str) -> bool:
+        task = self.in_flight.get(job_id)
+        if task is not None:
+            task.cancel()
+        return task is not None
+
+    async def _forward(self, job: Job) -> None:
+        outbox = Outbox(self._redis, job.channel, job.attempt, ping_interval=self._ping_interval)
+        pump = asyncio.create_task(outbox.pump())
+        try:
+            await self._read(job, outbox)
+            await pump
+        finally:
+            pump.cancel()
+
+    async def _read(self, job: Job, outbox: Outbox) -> None:
+        request = self._host.request(job.method, job.path, job.body)
+        try:
+            response = await self._host.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
+            log.warning("job %s: %s: %r", job.id, message, exc)
+            self._on_unreachable(message)
+            outbox.fail(502, message, retry=True)
+            return
+        try:
+            outbox.start(response.status_code, response.headers.get("content-type", ""))
+            async for chunk in response.aiter_raw():
+                outbox.write(chunk)
+            outbox.finish()
+        except httpx.TransportError as exc:
+            log.warning("job %s: Ollama stream broke: %r", job.id, exc)
+            outbox.fail(502, f"worker {self._worker_id}: Ollama stream broke: {exc}")
+        finally:
+            await response.aclose()

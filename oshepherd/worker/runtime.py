@@ -1,0 +1,190 @@
+"""The worker's event loop: jobs, heartbeats, host polling and cancellation, on one thread.
+
+Celery's pool threads are only slots: each hands its job to this loop and waits. All I/O
+(Ollama over one keep-alive pool, Redis) happens here, so a silent Ollama can be pinged
+over and a cancelled job's HTTP request closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from oshepherd.config import WorkerSettings
+from oshepherd.models import normalize
+from oshepherd.protocol import (
+    CANCEL_CHANNEL,
+    WORKERS_INDEX,
+    Job,
+    WorkerEntry,
+    model_queue,
+    worker_key,
+)
+from oshepherd.worker.jobs import JobRunner
+from oshepherd.worker.ollama import HostState, OllamaHost
+
+__all__ = ["WorkerRuntime"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    """Owns the loop thread. ``run`` is called from Celery's pool threads."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="oshepherd-io", daemon=True)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state = HostState(error="not polled yet")
+        self._started_at = time.time()
+        self._draining = False
+        self._polled = asyncio.Event()
+        # Read by the Celery consumer thread; replaced whole, never mutated.
+        self.model_queues: frozenset[str] = frozenset()
+
+    # -- lifecycle (called from the main thread) --------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self._setup())
+
+    def stop(self) -> None:
+        self._call(self._teardown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    def drain(self) -> None:
+        """Stop taking jobs; in-flight jobs get ``shutdown_timeout`` to finish."""
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
+
+    def run(self, job: dict[str, Any]) -> None:
+        """Run one job to its end (blocks the calling pool thread, not the loop)."""
+        self._call(self.runner.run(Job.from_dict(job)))
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    # -- on the loop ------------------------------------------------------------------
+    async def _setup(self) -> None:
+        self.redis = Redis.from_url(self.settings.redis, health_check_interval=10)
+        self.host = OllamaHost(self.settings.ollama_base_url)
+        self.runner = JobRunner(
+            self.redis,
+            self.host,
+            worker_id=self.worker_id,
+            ping_interval=self.settings.ping_interval,
+            on_unreachable=self._mark_unreachable,
+        )
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_forever()),
+            asyncio.create_task(self._listen_for_cancels()),
+        ]
+        # Serve from the first moment: the first poll decides which queues to consume.
+        await asyncio.wait_for(self._polled.wait(), timeout=15)
+
+    async def _teardown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._deregister()
+        await self.host.aclose()
+        await self.redis.aclose()
+
+    async def _drain(self) -> None:
+        self._draining = True
+        self.model_queues = frozenset()
+        await self._register_quietly()  # advertise no models: no new jobs, still alive
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while self.runner.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for job_id in list(self.runner.in_flight):
+            log.warning("job %s: still running at shutdown, cancelled", job_id)
+            self.runner.cancel(job_id)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            state = await self.host.poll()
+            self._observe(state)
+            try:
+                await self._register()
+            except RedisError as exc:
+                log.warning("heartbeat failed: %r", exc)
+            self._polled.set()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    def _observe(self, state: HostState) -> None:
+        if state.healthy != self._state.healthy:
+            log.warning(
+                "Ollama at %s is %s%s",
+                self.settings.ollama_base_url,
+                "reachable" if state.healthy else "unreachable",
+                "" if state.healthy else f": {state.error}",
+            )
+        self._state = state
+        if not self._draining:
+            names = {normalize(str(m.get("model") or m.get("name") or "")) for m in state.models}
+            self.model_queues = frozenset(model_queue(n) for n in names if state.healthy)
+
+    def _mark_unreachable(self, message: str) -> None:
+        """A job could not reach Ollama: stop taking jobs until the next poll succeeds."""
+        self._observe(HostState(healthy=False, error=message, models=self._state.models))
+        self.loop.create_task(self._register_quietly())
+
+    async def _register_quietly(self) -> None:
+        try:
+            await self._register()
+        except RedisError as exc:
+            log.warning("heartbeat failed: %r", exc)
+
+    async def _register(self) -> None:
+        ttl = self.settings.registry_ttl
+        now = time.time()
+        entry = WorkerEntry(
+            id=self.worker_id,
+            hostname=socket.gethostname(),
+            ollama_url=self.settings.ollama_base_url,
+            version=self._state.version,
+            healthy=self._state.healthy,
+            error=self._state.error,
+            models=[] if self._draining else self._state.models,
+            running=self._state.running,
+            slots=self.settings.concurrency,
+            in_flight=len(self.runner.in_flight),
+            started_at=self._started_at,
+            expires=now + ttl,
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(worker_key(self.worker_id), entry.to_json(), px=int(ttl * 1000))
+            pipe.zadd(WORKERS_INDEX, {self.worker_id: now + ttl})
+            pipe.zremrangebyscore(WORKERS_INDEX, "-inf", now)
+            await pipe.execute()
+
+    async def _deregister(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(worker_key(self.worker_id))
+                pipe.zrem(WORKERS_INDEX, self.worker_id)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("could not remove the registry entry: %r", exc)
+
+    async def _listen_for_cancels(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    async for message in pubsub.listen():
+                        if self.runner.cancel(message["data"].decode()):
+                            log.info("job %s: cancel received", message["data"].decode())
+            except RedisError as exc:
+                log.warning("cancel listener lost Redis, retrying: %r", exc)
+                await asyncio.sleep(1)
