@@ -28,7 +28,6 @@ __all__ = [
     "ProtocolError",
     "cancel_key",
     "celery_message",
-    "claim_key",
     "decode_frame",
     "encode_frame",
     "job_channel",
@@ -76,11 +75,6 @@ def worker_key(worker_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
-
-
-def claim_key(job_id: str, attempt: int) -> str:
-    """Set NX by the worker that runs an attempt: an attempt never runs twice."""
-    return f"{PREFIX}:claim:{job_id}:{attempt}"
 
 
 def job_channel(api_id: str, job_id: str) -> str:

@@ -6,26 +6,23 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import httpx
 from redis.asyncio import Redis
 
-from oshepherd.protocol import Frame, Job, cancel_key, claim_key, encode_frame
-from oshepherd.worker.ollama import OllamaHost
+from oshepherd.protocol import Frame, Job, cancel_key, encode_frame
+from oshepherd.worker.ollama import TRANSPORT_ERRORS, OllamaHost
 from oshepherd.worker.outbox import Outbox
 
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 
-# Skip a cancelled job, take the attempt exactly once, and tell the API who took it: one
-# round trip. KEYS: cancel, claim. ARGV: claim ttl (s), channel, start frame.
-CLAIM_SCRIPT = """
+# Skip a cancelled job, else tell the API who took it: one round trip.
+# KEYS: cancel. ARGV: channel, start frame.
+START_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
-CLAIM_TTL = 2 * 3600
 
 
 class JobRunner:
@@ -45,18 +42,17 @@ class JobRunner:
         self._worker_id = worker_id
         self._ping_interval = ping_interval
         self._on_unreachable = on_unreachable
-        self._claim = redis.register_script(CLAIM_SCRIPT)
+        self._start = redis.register_script(START_SCRIPT)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
     async def run(self, job: Job) -> None:
-        """Run ``job`` unless it is past its deadline, cancelled or already taken."""
+        """Run ``job`` unless it is past its deadline or cancelled."""
         if job.expired():
             log.info("job %s: past its deadline, skipped", job.id)
             return
         start = encode_frame(Frame("start", 0, job.attempt, meta={"worker": self._worker_id}))
-        keys = [cancel_key(job.id), claim_key(job.id, job.attempt)]
-        if not await self._claim(keys=keys, args=[CLAIM_TTL, job.channel, start]):
-            log.info("job %s: cancelled or already claimed, skipped", job.id)
+        if not await self._start(keys=[cancel_key(job.id)], args=[job.channel, start]):
+            log.info("job %s: cancelled, skipped", job.id)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -86,20 +82,20 @@ class JobRunner:
     async def _read(self, job: Job, outbox: Outbox) -> None:
         request = self._host.request(job.method, job.path, job.body)
         try:
-            response = await self._host.client.send(request, stream=True)
-        except httpx.TransportError as exc:
+            response = await request.__aenter__()
+        except TRANSPORT_ERRORS as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
             log.warning("job %s: %s: %r", job.id, message, exc)
             self._on_unreachable(message)
             outbox.fail(502, message, retry=True)
             return
         try:
-            outbox.start(response.status_code, response.headers.get("content-type", ""))
-            async for chunk in response.aiter_raw():
+            outbox.start(response.status, response.headers.get("Content-Type", ""))
+            async for chunk in response.content.iter_any():
                 outbox.write(chunk)
             outbox.finish()
-        except httpx.TransportError as exc:
+        except TRANSPORT_ERRORS as exc:
             log.warning("job %s: Ollama stream broke: %r", job.id, exc)
-            outbox.fail(502, f"worker {self._worker_id}: Ollama stream broke: {exc}")
+            outbox.fail(502, f"worker {self._worker_id}: Ollama stream broke: {exc!r}")
         finally:
-            await response.aclose()
+            response.release()

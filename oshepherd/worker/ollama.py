@@ -1,4 +1,9 @@
-"""The worker's view of its local Ollama: what it holds, and a request to forward."""
+"""The worker's view of its local Ollama: what it holds, and requests forwarded to it.
+
+aiohttp rather than httpx on this hop: it costs about half as much per request, and
+``iter_any`` hands over everything Ollama has written so far in one piece, which is the
+coalescing the relay wants.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
-__all__ = ["HostState", "OllamaHost", "OllamaUnreachable"]
+__all__ = ["HostState", "OllamaHost", "OllamaUnreachable", "TRANSPORT_ERRORS"]
+
+# What "Ollama did not answer, or broke off" looks like on this hop.
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 class OllamaUnreachable(Exception):
@@ -31,12 +39,15 @@ class OllamaHost:
 
     def __init__(self, base_url: str, *, poll_timeout: float = 5.0) -> None:
         self.base_url = base_url
-        self._poll_timeout = poll_timeout
+        self._poll_timeout = aiohttp.ClientTimeout(total=poll_timeout)
         # Generation can be silent for minutes (model loading): no read timeout on jobs.
-        self.client = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        # No decompression: the bytes relayed are the bytes Ollama wrote.
+        self.session = aiohttp.ClientSession(
+            base_url,
+            timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
         )
 
     async def poll(self) -> HostState:
@@ -56,20 +67,17 @@ class OllamaHost:
 
     async def _get_json(self, path: str) -> dict[str, Any]:
         try:
-            response = await self.client.get(path, timeout=self._poll_timeout)
-            response.raise_for_status()
-            data = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            async with self.session.get(path, timeout=self._poll_timeout) as response:
+                response.raise_for_status()
+                data = await response.json(content_type=None)
+        except (*TRANSPORT_ERRORS, ValueError) as exc:
             raise OllamaUnreachable(f"GET {path}: {exc!r}") from exc
         return data if isinstance(data, dict) else {}
 
-    def request(self, method: str, path: str, body: str) -> httpx.Request:
-        content = body.encode() if body else None
-        # Identity encoding: the bytes relayed are the bytes Ollama wrote.
-        headers = {"accept-encoding": "identity"}
-        if content:
-            headers["content-type"] = "application/json"
-        return self.client.build_request(method, path, content=content, headers=headers)
+    def request(self, method: str, path: str, body: str) -> aiohttp.client._RequestContextManager:
+        """Forward a job's request; the caller reads the response as a stream."""
+        headers = {"Content-Type": "application/json"} if body else {}
+        return self.session.request(method, path, data=body.encode() or None, headers=headers)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.session.close()

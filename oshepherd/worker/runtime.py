@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -42,7 +43,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="oshepherd-io", daemon=True)
         self._tasks: list[asyncio.Task[None]] = []
         self._state = HostState(error="not polled yet")
