@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
 
-from oshepherd.config import ApiSettings, WorkerSettings, load
-from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
+from oshepherd.stack import Stack
 
 __all__ = ["main"]
 
@@ -25,12 +20,13 @@ log = logging.getLogger("oshepherd")
 ENV_FILE = click.option(
     "--env-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Read settings from this file (the environment still wins over defaults).",
+    help="Read settings from this file; environment variables override it.",
 )
 
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _settings(cls: type[Any], env_file: Path | None, **overrides: Any) -> Any:
@@ -97,46 +93,16 @@ def start_worker(env_file: Path | None, **overrides: Any) -> None:
 def up(ollama_urls: tuple[str, ...], port: int, host: str, concurrency: int, redis_url: str | None) -> None:
     """Run the whole stack here: Redis (embedded unless given), the API, one worker per host."""
     _logging("INFO")
-    embedded = None if redis_url else EmbeddedRedis().start()
-    url = redis_url or (embedded.url if embedded else "")
-    env = {**os.environ, "CELERY_BROKER_URL": url}
-    cmd = [sys.executable, "-m", "oshepherd"]
-    children = [subprocess.Popen([*cmd, "start-api", "--host", host, "--port", str(port)], env=env)]
-    for n, ollama in enumerate(ollama_urls):
-        args = ["--ollama", ollama, "--concurrency", str(concurrency), "--worker-id", f"{socket.gethostname()}-w{n}"]
-        children.append(subprocess.Popen([*cmd, "start-worker", *args], env=env))
-    log.info("oshepherd is up: http://%s:%d (Redis %s)", host, port, "embedded" if embedded else "external")
-    try:
-        _wait(children)
-    finally:
-        _stop(children)
-        if embedded is not None:
-            embedded.close()
-
-
-def _wait(children: list[subprocess.Popen[bytes]]) -> None:
-    """Until Ctrl-C, SIGTERM or a child's exit."""
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        log.error("a component exited; stopping the stack")
-    except KeyboardInterrupt:
+    with Stack(redis_url) as stack:
+        stack.start_redis()
+        where = "embedded" if stack.embedded_redis else "external"
+        log.info("Redis (%s) at %s", where, redacted(stack.redis_url))
+        api = stack.start_api(host=host, port=port)
+        for n, ollama in enumerate(ollama_urls):
+            worker = stack.start_worker(
+                ollama, worker_id=f"{socket.gethostname()}-w{n}", concurrency=concurrency
+            )
+            log.info("worker %s serves %s", worker.meta["id"], ollama)
+        log.info("oshepherd is up at %s; Ctrl-C stops it", api.url)
+        stack.wait()
         log.info("stopping")
-
-
-def _stop(children: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()

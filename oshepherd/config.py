@@ -16,7 +16,7 @@ from typing import Any, Self, TypeVar
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "load"]
+__all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "load", "redacted"]
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 # kombu's Redis visibility timeout: an unacked message is handed out again after it.
@@ -103,3 +103,11 @@ def load(cls: type[S], env_file: Path | None, **overrides: Any) -> S:
     """Settings from ``env_file`` and the environment; non-None ``overrides`` win."""
     given = {key: value for key, value in overrides.items() if value is not None}
     return cls(_env_file=env_file, **given)  # type: ignore[call-arg]
+
+
+def redacted(url: str) -> str:
+    """A URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"

@@ -53,7 +53,11 @@ class EmbeddedRedis:
             "--dir", self._dir.name,
             "--protected-mode", "yes",
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a Ctrl-C meant for the stack must not stop Redis before the
+        # workers and the API have finished with it.
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         self._wait_ready(timeout)
         return self
 

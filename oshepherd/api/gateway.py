@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from oshepherd.api.hub import Hub
 from oshepherd.api.jobs import Dispatcher
 from oshepherd.api.registry import Registry
-from oshepherd.config import ApiSettings
+from oshepherd.config import ApiSettings, redacted
 from oshepherd.protocol import new_id
 
 __all__ = ["Gateway", "gateway"]
@@ -44,7 +44,7 @@ class Gateway:
             asyncio.create_task(self.registry.run_forever()),
         ]
         if not await self.hub.wait_ready(timeout=10):
-            log.warning("Redis at %s is not answering yet; will keep trying", _redacted(self.settings.redis))
+            log.warning("Redis at %s is not answering yet; will keep trying", redacted(self.settings.redis))
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -55,11 +55,3 @@ class Gateway:
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
-
-
-def _redacted(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"

@@ -123,13 +123,10 @@ class WorkerRuntime:
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     def _observe(self, state: HostState) -> None:
-        if state.healthy != self._state.healthy:
-            log.warning(
-                "Ollama at %s is %s%s",
-                self.settings.ollama_base_url,
-                "reachable" if state.healthy else "unreachable",
-                "" if state.healthy else f": {state.error}",
-            )
+        if state.healthy and not self._state.healthy:
+            log.info("Ollama at %s answers (version %s)", self.settings.ollama_base_url, state.version)
+        elif self._state.healthy and not state.healthy:
+            log.warning("Ollama at %s is unreachable: %s", self.settings.ollama_base_url, state.error)
         self._state = state
         if not self._draining:
             names = {normalize(str(m.get("model") or m.get("name") or "")) for m in state.models}

@@ -1,0 +1,166 @@
+"""A whole oshepherd stack on one machine: Redis (embedded if need be), the API, workers.
+
+``oshepherd up`` runs one; the test suite and the benchmarks run theirs with it too, so
+what they exercise is exactly what a user starts. Every component is a real process,
+configured through the same environment variables a user would set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import httpx
+import redis
+
+from oshepherd.protocol import worker_key
+from oshepherd.redis_server import EmbeddedRedis, free_port
+
+__all__ = ["Component", "Stack"]
+
+
+@dataclass
+class Component:
+    """One process of the stack."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL, as a crash or an OOM kill would."""
+        self.signal(signal.SIGKILL)
+        return self.process.wait()
+
+
+class Stack:
+    def __init__(self, redis_url: str | None = None, *, log: IO[bytes] | int | None = None) -> None:
+        self._embedded: EmbeddedRedis | None = None
+        self.redis_url = redis_url or ""
+        self.components: list[Component] = []
+        self._log = log
+
+    def start_redis(self) -> str:
+        """Start an embedded Redis unless a URL was given; returns the URL in use."""
+        if not self.redis_url:
+            self._embedded = EmbeddedRedis().start()
+            self.redis_url = self._embedded.url
+        return self.redis_url
+
+    @property
+    def embedded_redis(self) -> EmbeddedRedis | None:
+        return self._embedded
+
+    def start_api(self, *, host: str = "127.0.0.1", port: int | None = None, wait: float = 20.0,
+                  **settings: Any) -> Component:  # fmt: skip
+        port = port or free_port()
+        env = self._env(HOST=host, PORT=port, **settings)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        api = self._spawn("api", ["start-api"], env, url=url)
+        self._wait(api, wait, lambda: httpx.get(url + "/", timeout=1).status_code == 200)
+        return api
+
+    def start_worker(self, ollama_url: str, *, worker_id: str | None = None, wait: float = 30.0,
+                     **settings: Any) -> Component:  # fmt: skip
+        worker_id = worker_id or f"worker-{len(self.components)}-{os.getpid()}"
+        env = self._env(OLLAMA_BASE_URL=ollama_url, WORKER_ID=worker_id, **settings)
+        worker = self._spawn(worker_id, ["start-worker"], env, meta={"id": worker_id})
+        self._wait(worker, wait, lambda: self._registered(worker_id))
+        return worker
+
+    def _registered(self, worker_id: str) -> bool:
+        with redis.Redis.from_url(self.redis_url) as client:
+            return bool(client.exists(worker_key(worker_id)))
+
+    def _env(self, **settings: Any) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not _is_setting(k)}
+        env["CELERY_BROKER_URL"] = self.redis_url
+        env.update({k.upper(): str(v) for k, v in settings.items()})
+        return env
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str], **kw: Any) -> Component:
+        command = [sys.executable, "-m", "oshepherd", *args]
+        process = subprocess.Popen(command, env=dict(env), stdout=self._log, stderr=self._log)
+        component = Component(name, process, **kw)
+        self.components.append(component)
+        return component
+
+    @staticmethod
+    def _wait(component: Component, timeout: float, ready: Any) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not component.alive():
+                raise RuntimeError(f"{component.name} exited with {component.process.returncode}")
+            try:
+                if ready():
+                    return
+            except (httpx.HTTPError, redis.RedisError):
+                pass
+            time.sleep(0.05)
+        component.kill()
+        raise TimeoutError(f"{component.name} was not ready within {timeout}s")
+
+    def wait(self) -> None:
+        """Block until Ctrl-C, SIGTERM, or any component exits."""
+
+        def on_term(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            while all(c.alive() for c in self.components):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        """Workers first (they finish their jobs), then the API, then Redis."""
+        for component in reversed(self.components):
+            component.signal(signal.SIGTERM)
+        for component in reversed(self.components):
+            component.stop()
+        self.components.clear()
+        if self._embedded is not None:
+            self._embedded.close()
+            self._embedded = None
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_SETTINGS = {
+    "HOST", "PORT", "CELERY_BROKER_URL", "CELERY_BACKEND_URL", "REDIS_URL", "OLLAMA_BASE_URL",
+    "CONCURRENCY", "WORKER_ID", "LOGLEVEL",
+}  # fmt: skip
+
+
+def _is_setting(name: str) -> bool:
+    """Settings of the caller's own environment must not leak into the stack's processes."""
+    return name.upper() in _SETTINGS
