@@ -76,7 +76,6 @@ class WorkerSettings(CommonSettings):
     concurrency: int = Field(default=1, ge=1, le=256, description="slots: jobs run at once")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     heartbeat_interval: float = Field(default=2.0, gt=0)
-    models_interval: float = Field(default=5.0, gt=0, description="re-read Ollama's models (s)")
     ping_interval: float = Field(default=5.0, gt=0)
     shutdown_timeout: float = Field(default=60.0, ge=0, description="finish in-flight jobs (s)")
 

@@ -1,0 +1,25 @@
+# Two commands on a fresh clone:  make up  (the whole stack)  ·  make test  (the suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OLLAMA ?= http://127.0.0.1:11434
+
+.PHONY: up test bench clean
+
+up: $(VENV)/.installed
+	$(VENV)/bin/oshepherd up $(foreach url,$(OLLAMA),--ollama $(url))
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) -m bench
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf $(VENV)
