@@ -31,6 +31,7 @@ from oshepherd.protocol import (
     encode_frame,
     model_queue,
     new_id,
+    worker_queue,
 )
 
 __all__ = ["Dispatcher", "JobStream"]
@@ -64,8 +65,15 @@ class Dispatcher:
                 raise ApiError(404, f"model '{model}' not found")
             if not self.registry.healthy_holders(name):
                 raise ApiError(503, f"no healthy worker has model '{model}'", retry_after=5)
+        return await self._start(method, path, body, name, model_queue(name))
+
+    async def submit_to(self, worker_id: str, method: str, path: str, body: str) -> JobStream:
+        """Queue a job for one worker (model management on its host); never re-run."""
+        return await self._start(method, path, body, "", worker_queue(worker_id))
+
+    async def _start(self, method: str, path: str, body: str, model: str, queue: str) -> JobStream:
         job_id = new_id()
-        job = Job(job_id, self.hub.channel(job_id), method, path, body, name, 0.0, queue=model_queue(name))
+        job = Job(job_id, self.hub.channel(job_id), method, path, body, model, 0.0, queue=queue)
         stream = JobStream(self, job)
         await stream.enqueue()
         return stream
@@ -210,7 +218,9 @@ class JobStream:
 
     async def _rerun(self) -> bool:
         """Re-run once on another worker, when the client has received nothing yet."""
-        if self.job.attempt > 0 or not self._d.registry.healthy_holders(self.job.model):
+        if self.job.attempt > 0 or not self.job.model:
+            return False
+        if not self._d.registry.healthy_holders(self.job.model):
             return False
         log.warning("job %s: attempt %d failed on %s, re-running", self.job.id, self.job.attempt, self.worker)
         self.job.attempt += 1
