@@ -16,8 +16,8 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import nullcontext
-from datetime import datetime, timedelta, timezone
+from contextlib import nullcontext, suppress
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -62,7 +62,7 @@ def _name(value: Any) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _sha(data: str | bytes) -> str:
@@ -122,6 +122,12 @@ def _decode(raw: bytes) -> Body:
     return body
 
 
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
 async def _once(make: Callable[[], bytes]) -> AsyncIterator[bytes]:
     yield make()
 
@@ -130,7 +136,9 @@ class _Reply:
     """ASGI response for model work: waits for a slot and `latency`, sends headers with the
     first chunk, and stops producing as soon as the caller hangs up."""
 
-    def __init__(self, host: StandIn, chunks: AsyncIterator[bytes], media: str, stream: bool):
+    def __init__(
+        self, host: StandIn, chunks: AsyncIterator[bytes], media: str, stream: bool
+    ) -> None:
         self.host, self.chunks, self.media, self.stream = host, chunks, media, stream
         self.finished = False
 
@@ -197,6 +205,7 @@ class StandIn:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[Any] | None = None
         self.app = self._router()
 
     @property
@@ -226,29 +235,33 @@ class StandIn:
         return self
 
     async def _serve(self, server: uvicorn.Server) -> None:
-        self._loop = asyncio.get_running_loop()
-        await server.serve()
+        self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+        with suppress(asyncio.CancelledError):
+            await server.serve()
 
     def stop(self) -> None:
-        """Shut down like a restarting Ollama: refuse new work, give in-flight requests half a
+        """Shut down like a restarting Ollama: close the port, give in-flight requests half a
         second, then drop their connections. `start()` again reuses the same port."""
         server, thread, loop = self._server, self._thread, self._loop
         if server is None or thread is None or loop is None:
             return
-        server.should_exit = True
-        thread.join(0.5)
-        if thread.is_alive():
-            loop.call_soon_threadsafe(self._drop_connections, server)
-            thread.join(3)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(3)
-        self._server = self._thread = self._loop = None
+        asyncio.run_coroutine_threadsafe(self._halt(server), loop)
+        thread.join(5)
+        self._server = self._thread = self._loop = self._main = None
 
-    @staticmethod
-    def _drop_connections(server: uvicorn.Server) -> None:
-        for conn in list(server.server_state.connections):
+    async def _halt(self, server: uvicorn.Server) -> None:
+        """uvicorn's shutdown without its 0.1 s polling ticks (stop() is on every test's path)."""
+        for listener in server.servers:
+            listener.close()
+        state = server.server_state
+        for conn in list(state.connections):
+            conn.shutdown()
+        await _until(lambda: not state.connections, 0.5)
+        for conn in list(state.connections):
             conn.transport.close()
+        await _until(lambda: not state.tasks, 1.0)
+        if self._main is not None:
+            self._main.cancel()
 
     def __enter__(self) -> StandIn:
         return self.start()
@@ -437,7 +450,7 @@ class StandIn:
         return Response(b"".join(_line(s) for s in steps), media_type=NDJSON)
 
     def _ps(self, request: Request, body: Body) -> Response:
-        expires = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
         return _json({"models": [{**self._entry(m), "expires_at": expires, "size_vram": SIZE,
                                   "context_length": 8192} for m in tuple(self._loaded)]})
 
@@ -582,7 +595,7 @@ class StandIn:
 
     def _router(self) -> Router:
         def models() -> list[str]:
-            return [_full(m) for m in sorted(tuple(self.models))]
+            return [_full(m) for m in sorted(self.models)]
 
         table: list[tuple[str, str, Handler]] = [
             ("GET", "/", lambda r, b: PlainTextResponse("Ollama is running")),

@@ -31,17 +31,24 @@ def stand() -> Iterator[StandIn]:
 
 
 @pytest.fixture
+def http(stand: StandIn) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stand.url) as c:
+        yield c
+
+
+@pytest.fixture
 def client(stand: StandIn) -> Iterator[ollama.Client]:
     c = ollama.Client(host=stand.url)
     yield c
     c.close()
 
 
-def test_root_version_list_show(stand: StandIn, client: ollama.Client) -> None:
-    root = httpx.get(stand.url)
-    assert root.text == "Ollama is running" and root.headers["content-type"].startswith("text/plain")
-    assert httpx.head(stand.url).status_code == 200
-    assert httpx.get(f"{stand.url}/api/version").json() == {"version": "0.12.0"}
+def test_root_version_list_show(client: ollama.Client, http: httpx.Client) -> None:
+    root = http.get("/")
+    assert root.text == "Ollama is running"
+    assert root.headers["content-type"].startswith("text/plain")
+    assert http.head("/").status_code == 200
+    assert http.get("/api/version").json() == {"version": "0.12.0"}
     assert [m.model for m in client.list().models] == ["llama3:latest", "qwen2:7b"]
     shown = client.show("LLAMA3")
     assert shown.modelinfo and "completion" in (shown.capabilities or [])
@@ -64,10 +71,10 @@ def test_generate(stand: StandIn, client: ollama.Client) -> None:
     assert stand.tokens_sent == 15 and stand.disconnects == 0
 
 
-def test_ndjson_wire_format(stand: StandIn) -> None:
-    with httpx.stream("POST", f"{stand.url}/api/chat",
-                      content=b'{"model":"qwen2:7b","messages":[{"role":"user","content":"hi"}]}',
-                      headers={"content-type": "application/x-www-form-urlencoded"}) as r:
+def test_ndjson_wire_format(http: httpx.Client) -> None:
+    with http.stream("POST", "/api/chat",
+                     content=b'{"model":"qwen2:7b","messages":[{"role":"user","content":"hi"}]}',
+                     headers={"content-type": "application/x-www-form-urlencoded"}) as r:
         assert r.headers["content-type"] == "application/x-ndjson"
         raw = r.read()
     lines = raw.split(b"\n")
@@ -118,31 +125,30 @@ def test_ps_pull_copy_delete(stand: StandIn, client: ollama.Client) -> None:
     assert list(client.push("mario", stream=True))[-1].status == "success"
 
 
-def test_blobs(stand: StandIn, client: ollama.Client, tmp_path: Path) -> None:
+def test_blobs(client: ollama.Client, http: httpx.Client, tmp_path: Path) -> None:
     path = tmp_path / "blob.bin"
     path.write_bytes(b"weights")
     digest = f"sha256:{hashlib.sha256(b'weights').hexdigest()}"
-    assert httpx.head(f"{stand.url}/api/blobs/{digest}").status_code == 404
+    assert http.head(f"/api/blobs/{digest}").status_code == 404
     assert client.create_blob(path) == digest
-    assert httpx.head(f"{stand.url}/api/blobs/{digest}").status_code == 200
-    assert httpx.post(f"{stand.url}/api/blobs/{digest}", content=b"other").status_code == 400
+    assert http.head(f"/api/blobs/{digest}").status_code == 200
+    assert http.post(f"/api/blobs/{digest}", content=b"other").status_code == 400
 
 
-def test_errors(stand: StandIn, client: ollama.Client) -> None:
+def test_errors(stand: StandIn, client: ollama.Client, http: httpx.Client) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="Nope", prompt="hi")
     assert err.value.status_code == 404 and err.value.error == "model 'Nope' not found"
-    url = f"{stand.url}/api/generate"
-    for content, message in [(b"", "missing request body"), (b'{"prompt":"x"}', "model is required")]:
-        r = httpx.post(url, content=content)
+    for content, message in [(b"", "missing request body"), (b'{"x":1}', "model is required")]:
+        r = http.post("/api/generate", content=content)
         assert (r.status_code, r.json()) == (400, {"error": message})
         assert r.headers["content-type"] == "application/json; charset=utf-8"
-    assert httpx.post(url, content=b"{nope").status_code == 400
-    assert httpx.post(f"{stand.url}/api/chat", json={"model": "llama3", "messages": "x"}).status_code == 400
-    v1 = httpx.post(f"{stand.url}/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert http.post("/api/generate", content=b"{nope").status_code == 400
+    assert http.post("/api/chat", json={"model": "llama3", "messages": "x"}).status_code == 400
+    v1 = http.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert v1.status_code == 404 and v1.json()["error"]["type"] == "not_found_error"
-    assert httpx.get(f"{stand.url}/v1/models/nope").status_code == 404
-    assert httpx.get(f"{stand.url}/no/such/path").status_code == 404
+    assert http.get("/v1/models/nope").status_code == 404
+    assert http.get("/no/such/path").status_code == 404
     assert stand.count("/api/generate") == 4 and stand.count("/no/such/path") == 1
 
 
@@ -166,16 +172,15 @@ def test_fail_mid_stream(stand: StandIn, client: ollama.Client) -> None:
     assert "".join(p.response for p in client.generate(model="llama3", prompt="hi", stream=True))
 
 
-def test_disconnect_stops_generation(stand: StandIn) -> None:
+def test_disconnect_stops_generation(stand: StandIn, http: httpx.Client) -> None:
     stand.tokens, stand.token_delay = 1000, 0.01
-    with httpx.Client(base_url=stand.url) as http:
-        with http.stream("POST", "/api/generate", json={"model": "llama3", "prompt": "go"}) as r:
-            lines = r.iter_lines()
-            assert json.loads(next(lines))["response"] == "tok0 "
-            next(lines)
+    with http.stream("POST", "/api/generate", json={"model": "llama3", "prompt": "go"}) as r:
+        lines = r.iter_lines()
+        assert json.loads(next(lines))["response"] == "tok0 "
+        next(lines)
     stand.wait_for(lambda s: s.disconnects == 1 and s.active == 0)
     sent = stand.tokens_sent
-    assert sent < 100
+    assert sent < 100  # 1000 tokens would take 10 s
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline:
         assert stand.tokens_sent == sent
@@ -198,25 +203,38 @@ def test_max_parallel_and_latency(stand: StandIn) -> None:
     assert stand.peak_active == 3
 
 
-def test_openai_layer(stand: StandIn) -> None:
-    url = f"{stand.url}/v1"
+def test_openai_layer(http: httpx.Client) -> None:
     msgs = [{"role": "user", "content": "hi"}]
-    done = httpx.post(f"{url}/chat/completions", json={"model": "llama3", "messages": msgs}).json()
+    done = http.post("/v1/chat/completions", json={"model": "llama3", "messages": msgs}).json()
     assert done["object"] == "chat.completion" and done["usage"]["completion_tokens"] == 5
     assert done["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
-    with httpx.stream("POST", f"{url}/chat/completions",
-                      json={"model": "llama3", "messages": msgs, "stream": True}) as r:
+    with http.stream("POST", "/v1/chat/completions",
+                     json={"model": "llama3", "messages": msgs, "stream": True}) as r:
         assert r.headers["content-type"] == "text/event-stream"
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "stop"
-    text = httpx.post(f"{url}/completions", json={"model": "llama3", "prompt": "hi"}).json()
+    text = http.post("/v1/completions", json={"model": "llama3", "prompt": "hi"}).json()
     assert text["object"] == "text_completion" and text["choices"][0]["text"].startswith("tok0")
-    emb = httpx.post(f"{url}/embeddings", json={"model": "llama3", "input": ["a", "b"]}).json()
+    emb = http.post("/v1/embeddings", json={"model": "llama3", "input": ["a", "b"]}).json()
     assert [d["index"] for d in emb["data"]] == [0, 1]
-    ids = [m["id"] for m in httpx.get(f"{url}/models").json()["data"]]
+    ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert ids == ["llama3:latest", "qwen2:7b"]
-    assert httpx.get(f"{url}/models/qwen2:7b").json()["owned_by"] == "library"
+    assert http.get("/v1/models/qwen2:7b").json()["owned_by"] == "library"
+
+
+def test_openai_sdk(stand: StandIn) -> None:
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{stand.url}/v1", api_key="ollama") as sdk:
+        msgs = [{"role": "user", "content": "hi"}]
+        reply = sdk.chat.completions.create(model="llama3", messages=msgs)
+        assert reply.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 "
+        stream = sdk.chat.completions.create(model="llama3", messages=msgs, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert len(sdk.embeddings.create(model="llama3", input=["a", "b"]).data) == 2
+        assert [m.id for m in sdk.models.list()] == ["llama3:latest", "qwen2:7b"]
+        with pytest.raises(openai.NotFoundError):
+            sdk.models.retrieve("nope")
 
 
 def test_restart_keeps_port(stand: StandIn, client: ollama.Client) -> None:
