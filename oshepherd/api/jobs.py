@@ -60,7 +60,7 @@ class Dispatcher:
         """Queue a job for a worker holding ``model``; 404 when no live worker has it."""
         name = normalize(model)
         if not self.registry.healthy_holders(name):
-            await self._refresh_registry()
+            await self.refresh_registry()
             if not self.registry.holders(name):
                 raise ApiError(404, f"model '{model}' not found")
             if not self.registry.healthy_holders(name):
@@ -78,9 +78,10 @@ class Dispatcher:
         await stream.enqueue()
         return stream
 
-    async def _refresh_registry(self) -> None:
+    async def refresh_registry(self, max_age: float = 0.25) -> None:
+        """Refresh the view if older than ``max_age`` seconds; Redis trouble becomes a 503."""
         try:
-            await self.registry.refresh_if_older(0.25)
+            await self.registry.refresh_if_older(max_age)
         except RedisError as exc:
             raise ApiError(503, f"the gateway cannot reach Redis: {exc}", retry_after=5) from None
 

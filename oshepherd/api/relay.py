@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -17,7 +19,7 @@ from oshepherd.api.errors import JSON, ApiError, error_body
 from oshepherd.api.jobs import JobStream
 from oshepherd.protocol import Frame
 
-__all__ = ["RelayResponse"]
+__all__ = ["RelayResponse", "until_disconnect"]
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,10 @@ class RelayResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay = asyncio.create_task(self._relay(send))
-        watch = asyncio.create_task(_disconnected(receive))
         try:
-            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if relay not in done:
+            if await until_disconnect(receive, self._relay(send)):
                 log.info("job %s: client went away", self._stream.job.id)
-                relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
         finally:
-            watch.cancel()
             await self._stream.close()
 
     async def _relay(self, send: Send) -> None:
@@ -85,6 +81,20 @@ class RelayResponse(Response):
         body = error_body(self._path, exc.status, exc.message)
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` until it ends or the client hangs up, which cancels it; True if it hung up."""
+    task = asyncio.create_task(work)
+    watch = asyncio.create_task(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task not in done
+    finally:
+        watch.cancel()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
@@ -23,6 +23,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
+# Requests that change what the host holds: the registry must know before the client does.
+MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 
 
 class JobRunner:
@@ -36,12 +38,14 @@ class JobRunner:
         worker_id: str,
         ping_interval: float,
         on_unreachable: Callable[[str], None],
+        on_models_changed: Callable[[], Awaitable[None]],
     ) -> None:
         self._redis = redis
         self._host = host
         self._worker_id = worker_id
         self._ping_interval = ping_interval
         self._on_unreachable = on_unreachable
+        self._on_models_changed = on_models_changed
         self._start = redis.register_script(START_SCRIPT)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
@@ -93,6 +97,8 @@ class JobRunner:
             outbox.start(response.status, response.headers.get("Content-Type", ""))
             async for chunk in response.content.iter_any():
                 outbox.write(chunk)
+            if job.path in MANAGEMENT_PATHS:
+                await self._on_models_changed()
             outbox.finish()
         except TRANSPORT_ERRORS as exc:
             log.warning("job %s: Ollama stream broke: %r", job.id, exc)

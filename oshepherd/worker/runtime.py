@@ -50,6 +50,7 @@ class WorkerRuntime:
         self._started_at = time.time()
         self._draining = False
         self._polled = asyncio.Event()
+        self._poll_lock = asyncio.Lock()
         # Read by the Celery consumer thread; replaced whole, never mutated.
         self.model_queues: frozenset[str] = frozenset()
 
@@ -84,6 +85,7 @@ class WorkerRuntime:
             worker_id=self.worker_id,
             ping_interval=self.settings.ping_interval,
             on_unreachable=self._mark_unreachable,
+            on_models_changed=self._poll,
         )
         self._tasks = [
             asyncio.create_task(self._heartbeat_forever()),
@@ -113,16 +115,22 @@ class WorkerRuntime:
 
     async def _heartbeat_forever(self) -> None:
         while True:
-            state = await self.host.poll()
-            self._observe(state)
-            try:
-                await self._register()
-            except RedisError as exc:
-                log.warning("heartbeat failed: %r", exc)
+            await self._poll()
             self._polled.set()
             await asyncio.sleep(self.settings.heartbeat_interval)
 
+    async def _poll(self) -> None:
+        """Read the host's state and advertise it (also at once after a pull or delete)."""
+        # One at a time: an older poll finishing last would advertise a deleted model again.
+        async with self._poll_lock:
+            self._observe(await self.host.poll())
+            await self._register_quietly()
+
     def _observe(self, state: HostState) -> None:
+        if not state.healthy:
+            # Keep advertising what the host had: its models are unavailable, not unknown
+            # (503 with Retry-After, not 404).
+            state.models, state.running = self._state.models, []
         if state.healthy and not self._state.healthy:
             log.info("Ollama at %s answers (version %s)", self.settings.ollama_base_url, state.version)
         elif self._state.healthy and not state.healthy:
@@ -134,7 +142,7 @@ class WorkerRuntime:
 
     def _mark_unreachable(self, message: str) -> None:
         """A job could not reach Ollama: stop taking jobs until the next poll succeeds."""
-        self._observe(HostState(healthy=False, error=message, models=self._state.models))
+        self._observe(HostState(healthy=False, error=message))
         self.loop.create_task(self._register_quietly())
 
     async def _register_quietly(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
+from oshepherd.api import scatter
 from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
 from oshepherd.api.errors import ApiError, json_response
 from oshepherd.api.gateway import gateway
@@ -21,25 +22,39 @@ router = APIRouter()
 Check = Callable[[dict[str, Any]], None]
 
 
-def route(path: str, methods: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``path`` and ``path/`` (the original oshepherd documented the latter)."""
+def route(
+    path: str, methods: list[str], into: APIRouter = router
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``path`` and ``path/`` on ``into`` (the original oshepherd documented ``path/``)."""
 
     def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         for p in (path, path + "/") if path != "/" else (path,):
-            router.add_api_route(p, endpoint, methods=methods, include_in_schema=p == path, response_model=None)
+            into.add_api_route(p, endpoint, methods=methods, include_in_schema=p == path, response_model=None)
         return endpoint
 
     return register
 
 
-async def forward(request: Request, path: str, check: Check | None = None) -> RelayResponse:
-    """Queue the request body for a worker holding its model and relay the answer."""
+async def forward(
+    request: Request,
+    path: str,
+    check: Check | None = None,
+    *,
+    fields: tuple[str, ...] = ("model", "name"),
+) -> Response:
+    """Queue the request body for a worker holding its model and relay the answer.
+
+    ``fields`` may name the model (OpenAI's surface knows no ``name``). An embedding input
+    longer than one batch is scattered over the fleet instead (``scatter``).
+    """
     gw = gateway(request)
     body: Body = await read_body(request, gw.settings.max_body_bytes)
-    model = model_name(body.data, "model", "name")
+    model = model_name(body.data, *fields)
     stream_flag(body.data, default=True)
     if check is not None:
         check(body.data)
+    if scatter.applies(path, body.data, gw.settings.embed_batch_size):
+        return await scatter.scatter(request, path, body.data, model)
     stream = await gw.dispatcher.submit("POST", path, body.text, model)
     return RelayResponse(stream, request.url.path)
 
@@ -71,7 +86,7 @@ async def chat(request: Request) -> RelayResponse:
 
 
 @route("/api/embed", ["POST"])
-async def embed(request: Request) -> RelayResponse:
+async def embed(request: Request) -> Response:
     return await forward(request, "/api/embed", _check_input)
 
 
@@ -93,21 +108,21 @@ async def root() -> Response:
 @route("/api/version", ["GET", "HEAD"])
 async def version(request: Request) -> Response:
     """The lowest Ollama version in the fleet: clients gate features on it."""
-    versions = [w.version for w in _healthy(request) if w.version]
+    versions = [w.version for w in healthy_workers(request) if w.version]
     return json_response({"version": min(versions, key=_version_key, default="0.0.0")})
 
 
 @route("/api/tags", ["GET"])
 async def tags(request: Request) -> Response:
-    return json_response({"models": merged(_healthy(request), "models")})
+    return json_response({"models": merged(healthy_workers(request), "models")})
 
 
 @route("/api/ps", ["GET"])
 async def ps(request: Request) -> Response:
-    return json_response({"models": merged(_healthy(request), "running")})
+    return json_response({"models": merged(healthy_workers(request), "running")})
 
 
-def _healthy(request: Request) -> list[WorkerEntry]:
+def healthy_workers(request: Request) -> list[WorkerEntry]:
     workers = gateway(request).registry.workers.values()
     return sorted((w for w in workers if w.healthy), key=lambda w: w.id)
 

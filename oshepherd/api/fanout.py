@@ -1,0 +1,241 @@
+"""One management request run on several workers, answered as one.
+
+Each target worker runs the request against its own Ollama (a job on the worker's own
+queue). Their answers merge into one:
+
+* Progress (pull, push, create) is one NDJSON stream, each line sent as it arrives, so a
+  slow host never holds back the others. A line with a ``digest`` carries the sums over the
+  workers: ``total`` (a worker that has not reported the layer yet counts as the largest
+  total seen, so the bar's length is right from its first line), ``completed``, and
+  ``workers``, how many have reported it; ``status`` and other fields are those of the line
+  that just arrived. A line without a digest ("pulling manifest") is sent once, the first
+  time any worker reports it. The workers' own ``success`` lines are held back: the stream
+  ends with ``{"status": "success"}`` only when every target succeeded, otherwise with
+  ``{"error": "pull failed on <worker>: <error>; ..."}``.
+* If nothing was sent before the end (every target failed at once, ``stream: false``, copy,
+  delete), the answer is an HTTP status: 200 when all succeeded, else the first failed
+  target's status with the same message.
+
+A client that hangs up cancels every sub-job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from oshepherd.api.errors import ApiError, json_response
+from oshepherd.api.jobs import Dispatcher, JobStream
+from oshepherd.api.relay import until_disconnect
+from oshepherd.protocol import WorkerEntry
+
+__all__ = ["Answer", "Fanout", "FanoutResponse", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+SUCCESS = {"status": "success"}
+# How the answer is shaped: an NDJSON stream, the final object alone, or an empty 200.
+Answer = Literal["stream", "object", "empty"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one target's job ended; ``error`` is empty on success."""
+
+    worker: str
+    status: int = 200
+    error: str = ""
+
+
+class Fanout:
+    """One request running on several workers; ``lines`` merges their progress."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        action: str,
+        targets: Sequence[WorkerEntry],
+        *,
+        progress: bool,
+        changes_models: bool,
+    ) -> None:
+        self._d = dispatcher
+        self.action = action
+        self._workers = [w.id for w in targets]
+        self._progress = progress  # success is a "success" line, not merely a 2xx
+        self._changes_models = changes_models
+        self._events: asyncio.Queue[Outcome | tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._streams: list[JobStream] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outcomes: dict[str, Outcome] = {}
+        self._layers: dict[str, dict[str, tuple[int, int]]] = {}
+        self._said: set[str] = set()
+
+    async def start(self, method: str, path: str, body: str) -> None:
+        """Queue the request for every target; a target that cannot take it has failed."""
+        for worker in self._workers:
+            try:
+                stream = await self._d.submit_to(worker, method, path, body)
+            except ApiError as exc:
+                self._events.put_nowait(Outcome(worker, exc.status, exc.message))
+                continue
+            self._streams.append(stream)
+            self._tasks.append(asyncio.create_task(self._follow(worker, stream)))
+        log.info("%s: on %s", self.action, ", ".join(self._workers))
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """Merged progress lines, as they arrive, until every target has ended."""
+        while len(self._outcomes) < len(self._workers):
+            event = await self._events.get()
+            if isinstance(event, Outcome):
+                self._outcomes[event.worker] = event
+                if event.error:
+                    log.warning("%s failed on %s: %s", self.action, event.worker, event.error)
+            elif (line := self._merge(*event)) is not None:
+                yield line
+
+    async def failure(self) -> ApiError | None:
+        """After ``lines``: what failed, or None."""
+        if self._changes_models:
+            # The workers re-registered before they answered: the next request must see it.
+            try:
+                await self._d.refresh_registry(max_age=0.0)
+            except ApiError as exc:
+                log.warning("%s: registry not refreshed: %s", self.action, exc.message)
+        failed = [o for w in self._workers if (o := self._outcomes[w]).error]
+        if not failed:
+            return None
+        by_error: dict[str, list[str]] = {}
+        for outcome in failed:
+            by_error.setdefault(outcome.error, []).append(outcome.worker)
+        where = "; ".join(f"{', '.join(workers)}: {error}" for error, workers in by_error.items())
+        return ApiError(failed[0].status, f"{self.action} failed on {where}")
+
+    async def close(self) -> None:
+        """Stop following; every job that did not finish is cancelled."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stream in self._streams:
+            await stream.close()
+
+    async def _follow(self, worker: str, stream: JobStream) -> None:
+        try:
+            outcome = await self._read(worker, stream)
+        except ApiError as exc:
+            outcome = Outcome(worker, exc.status, exc.message)
+        except Exception as exc:  # an outcome must arrive, or the answer would never end
+            log.exception("%s: following %s failed", self.action, worker)
+            outcome = Outcome(worker, 500, f"the gateway failed: {exc!r}")
+        self._events.put_nowait(outcome)
+
+    async def _read(self, worker: str, stream: JobStream) -> Outcome:
+        """Pass the worker's progress lines on; its ``success`` or error decides the outcome."""
+        frame = await stream.next()
+        status = int(frame.meta.get("status", 200))
+        succeeded = status < 400 and not self._progress
+        while True:
+            for line in _lines(frame.body):
+                if status >= 400 or "error" in line:
+                    return Outcome(worker, status if status >= 400 else 500, str(line.get("error")))
+                if line.get("status") == "success":
+                    succeeded = True
+                else:
+                    self._events.put_nowait((worker, line))
+            if frame.kind == "error":
+                meta = frame.meta
+                return Outcome(worker, int(meta.get("status", 502)), str(meta.get("error")))
+            if frame.kind == "end" or frame.meta.get("last"):
+                break
+            frame = await stream.next()
+        if status >= 400:
+            return Outcome(worker, status, f"Ollama answered {status}")
+        if not succeeded:
+            return Outcome(worker, 502, "the progress ended without success")
+        return Outcome(worker)
+
+    def _merge(self, worker: str, line: dict[str, Any]) -> bytes | None:
+        digest = line.get("digest")
+        if not digest:
+            status = str(line.get("status", ""))
+            if status in self._said:
+                return None
+            self._said.add(status)
+            return orjson.dumps(line) + b"\n"
+        layer = self._layers.setdefault(str(digest), {})
+        layer[worker] = (_count(line.get("total")), _count(line.get("completed")))
+        totals = [total for total, _ in layer.values()]
+        total = sum(totals) + (len(self._workers) - len(layer)) * max(totals)
+        completed = sum(done for _, done in layer.values())
+        merged = {**line, "total": total, "completed": completed, "workers": len(layer)}
+        return orjson.dumps(merged) + b"\n"
+
+
+class FanoutResponse(Response):
+    """The merged answer of a ``Fanout``, shaped as ``answer`` asks."""
+
+    def __init__(self, fanout: Fanout, answer: Answer) -> None:
+        self._fanout = fanout
+        self._answer = answer
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            if await until_disconnect(receive, self._respond(scope, receive, send)):
+                log.info("%s: client went away, cancelling its jobs", self._fanout.action)
+        finally:
+            await self._fanout.close()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+        async for line in self._fanout.lines():
+            if self._answer != "stream":
+                continue
+            if not started:
+                started = True
+                headers = [(b"content-type", NDJSON.encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        failure = await self._fanout.failure()
+        if started:
+            last = {"error": failure.message} if failure else SUCCESS
+            await send({"type": "http.response.body", "body": orjson.dumps(last) + b"\n"})
+            return
+        await self._final(failure)(scope, receive, send)
+
+    def _final(self, failure: ApiError | None) -> Response:
+        """The whole answer when no progress line was sent."""
+        if failure is not None:
+            return json_response({"error": failure.message}, failure.status)
+        if self._answer == "stream":
+            return Response(orjson.dumps(SUCCESS) + b"\n", media_type=NDJSON)
+        if self._answer == "object":
+            return json_response(SUCCESS)
+        return Response(status_code=200)
+
+
+def _lines(body: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of an NDJSON body (or of one JSON object); any other text is an error."""
+    out: list[dict[str, Any]] = []
+    for raw in body.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            value = None
+        text = raw.decode(errors="replace").strip()
+        out.append(value if isinstance(value, dict) else {"error": text})
+    return out
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
