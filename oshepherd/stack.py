@@ -7,6 +7,7 @@ configured through the same environment variables a user would set.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -102,7 +103,9 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str], **kw: Any) -> Component:
         command = [sys.executable, "-m", "oshepherd", *args]
-        process = subprocess.Popen(command, env=dict(env), stdout=self._log, stderr=self._log)
+        process = subprocess.Popen(
+            command, env=dict(env), stdout=self._log, stderr=self._log, preexec_fn=_die_with_parent
+        )
         component = Component(name, process, **kw)
         self.components.append(component)
         return component
@@ -155,6 +158,15 @@ class Stack:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """Linux: a component gets SIGTERM when whoever started it dies, even by SIGKILL, so
+    a killed ``oshepherd up`` or test run leaves no orphans behind."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 _SETTINGS = {
     "HOST", "PORT", "CELERY_BROKER_URL", "CELERY_BACKEND_URL", "REDIS_URL", "OLLAMA_BASE_URL",
     "CONCURRENCY", "WORKER_ID", "LOGLEVEL",
