@@ -261,3 +261,20 @@ def test_nothing_leaks_once_idle(private_redis: tuple[EmbeddedRedis, Fleet]) -> 
         persistent = {k.decode() for k in client.scan_iter() if client.ttl(k) == -1}
     per_request = {k for k in persistent if k.startswith("oshepherd:") and k != "oshepherd:workers"}
     assert per_request == set()
+
+
+def test_a_worker_that_cannot_reach_ollama_says_so_and_stops_taking_jobs(
+    make_fleet: Callable[[], Fleet],
+) -> None:
+    fleet = make_fleet()
+    host = fleet.standin("llama3")
+    fleet.start_api()
+    worker = fleet.worker(host, heartbeat_interval=30)  # it will not notice by polling
+    fleet.wait_for_models("llama3:latest")
+    host.stop()
+    body = {"model": "llama3", "stream": False}
+    failed = httpx.post(fleet.url + GENERATE, json=body, timeout=10)
+    assert failed.status_code == 502
+    assert failed.json()["error"] == f"worker {worker.meta['id']} cannot reach its Ollama at {host.url}"
+    refused = httpx.post(fleet.url + GENERATE, json=body, timeout=10)
+    assert refused.status_code == 503 and "no healthy worker" in refused.json()["error"]

@@ -221,7 +221,9 @@ class JobStream:
         """Re-run once on another worker, when the client has received nothing yet."""
         if self.job.attempt > 0 or not self.job.model:
             return False
-        if not self._d.registry.healthy_holders(self.job.model):
+        await self._d.refresh_registry(max_age=0)  # the failed worker has re-registered
+        others = [w for w in self._d.registry.healthy_holders(self.job.model) if w.id != self.worker]
+        if not others:
             return False
         log.warning("job %s: attempt %d failed on %s, re-running", self.job.id, self.job.attempt, self.worker)
         self.job.attempt += 1

@@ -37,7 +37,7 @@ class JobRunner:
         *,
         worker_id: str,
         ping_interval: float,
-        on_unreachable: Callable[[str], None],
+        on_unreachable: Callable[[str], Awaitable[None]],
         on_models_changed: Callable[[], Awaitable[None]],
     ) -> None:
         self._redis = redis
@@ -90,7 +90,7 @@ class JobRunner:
         except TRANSPORT_ERRORS as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
             log.warning("job %s: %s: %r", job.id, message, exc)
-            self._on_unreachable(message)
+            await self._on_unreachable(message)
             outbox.fail(502, message, retry=True)
             return
         try:

@@ -140,10 +140,14 @@ class WorkerRuntime:
             names = {normalize(str(m.get("model") or m.get("name") or "")) for m in state.models}
             self.model_queues = frozenset(model_queue(n) for n in names if state.healthy)
 
-    def _mark_unreachable(self, message: str) -> None:
-        """A job could not reach Ollama: stop taking jobs until the next poll succeeds."""
+    async def _mark_unreachable(self, message: str) -> None:
+        """A job could not reach Ollama: stop taking jobs until the next poll succeeds.
+
+        Registered before the job reports its failure, so the API, when it refreshes its
+        view to decide where to re-run the job, already sees this worker as unhealthy.
+        """
         self._observe(HostState(healthy=False, error=message))
-        self.loop.create_task(self._register_quietly())
+        await self._register_quietly()
 
     async def _register_quietly(self) -> None:
         try:
