@@ -10,13 +10,19 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 __all__ = ["ApiError", "error_body", "install_handlers", "is_openai", "json_response"]
 
 JSON = "application/json; charset=utf-8"
-OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
 
 
 class ApiError(Exception):
@@ -60,6 +66,24 @@ def _http_error(request: Request, exc: Exception) -> Response:
     return Response(body, status_code=exc.status_code, media_type=JSON, headers=exc.headers)
 
 
+def _validation_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's own parameter checks: a 400 like ours, not its 422 ``{"detail": [...]}``."""
+    assert isinstance(exc, RequestValidationError)
+    first = next(iter(exc.errors()), {})
+    where = ".".join(str(part) for part in first.get("loc", ())[1:])
+    message = f"invalid value for '{where}': {first.get('msg', 'invalid')}"
+    return Response(error_body(request.url.path, 400, message), status_code=400, media_type=JSON)
+
+
+def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # A bug, not bad input: still an error body the client's parser understands. Starlette
+    # re-raises ``exc`` after sending this, so uvicorn logs the traceback.
+    body = error_body(request.url.path, 500, "internal error")
+    return Response(body, status_code=500, media_type=JSON)
+
+
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -13,6 +13,7 @@ from oshepherd.api.hub import Hub
 from oshepherd.api.jobs import Dispatcher
 from oshepherd.api.registry import Registry
 from oshepherd.config import ApiSettings, redacted
+from oshepherd.connections import async_redis
 from oshepherd.protocol import new_id
 
 __all__ = ["Gateway", "gateway"]
@@ -31,9 +32,7 @@ class Gateway:
 
     @classmethod
     def build(cls, settings: ApiSettings) -> Gateway:
-        redis = Redis.from_url(
-            settings.redis, socket_connect_timeout=2, socket_timeout=5, health_check_interval=10
-        )
+        redis = async_redis(settings.redis, socket_connect_timeout=1, socket_timeout=5)
         hub = Hub(redis, api_id=new_id()[:12])
         registry = Registry(redis, refresh=settings.registry_refresh)
         return cls(settings, redis, hub, registry, Dispatcher(redis, hub, registry, settings))

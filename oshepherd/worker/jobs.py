@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from oshepherd.protocol import Frame, Job, cancel_key, encode_frame
 from oshepherd.worker.ollama import TRANSPORT_ERRORS, OllamaHost
@@ -54,19 +55,26 @@ class JobRunner:
         if job.expired():
             log.info("job %s: past its deadline, skipped", job.id)
             return
-        start = encode_frame(Frame("start", 0, job.attempt, meta={"worker": self._worker_id}))
-        if not await self._start(keys=[cancel_key(job.id)], args=[job.channel, start]):
-            log.info("job %s: cancelled, skipped", job.id)
-            return
         task = asyncio.current_task()
         assert task is not None
         self.in_flight[job.id] = task
         try:
-            await self._forward(job)
+            if await self._claim(job):
+                await self._forward(job)
         except asyncio.CancelledError:
             log.info("job %s: cancelled by its client", job.id)
+        except RedisError as exc:
+            # The API lost the same Redis and fails the request on its side.
+            log.warning("job %s: Redis failed: %r", job.id, exc)
         finally:
             del self.in_flight[job.id]
+
+    async def _claim(self, job: Job) -> bool:
+        start = encode_frame(Frame("start", 0, job.attempt, meta={"worker": self._worker_id}))
+        if not await self._start(keys=[cancel_key(job.id)], args=[job.channel, start]):
+            log.info("job %s: cancelled, skipped", job.id)
+            return False
+        return True
 
     def cancel(self, job_id: str) -> bool:
         task = self.in_flight.get(job_id)

@@ -16,10 +16,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 import uvloop
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from oshepherd.config import WorkerSettings
+from oshepherd.connections import async_redis
 from oshepherd.models import normalize
 from oshepherd.protocol import (
     CANCEL_CHANNEL,
@@ -77,7 +77,7 @@ class WorkerRuntime:
 
     # -- on the loop ------------------------------------------------------------------
     async def _setup(self) -> None:
-        self.redis = Redis.from_url(self.settings.redis, health_check_interval=10)
+        self.redis = async_redis(self.settings.redis, socket_connect_timeout=2)
         self.host = OllamaHost(self.settings.ollama_base_url)
         self.runner = JobRunner(
             self.redis,
