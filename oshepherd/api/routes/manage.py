@@ -93,6 +93,8 @@ async def blob_upload(request: Request, digest: str) -> Response:
     Ollama host directly (``POST /api/blobs/<digest>`` on the host); ``HEAD`` here then
     answers 200, so ``ollama create`` through the gateway skips the upload and works.
     """
+    if not DIGEST.fullmatch(digest):
+        raise ApiError(400, "invalid digest format")
     raise ApiError(
         501,
         "uploading blobs through oshepherd is not supported: POST the blob to each Ollama host "
