@@ -78,7 +78,11 @@ def _embedding(text: str, dim: int) -> list[float]:
 
 
 def _inputs(raw: Any) -> list[str]:
-    return [raw] if isinstance(raw, str) else [str(x) for x in raw or []]
+    if isinstance(raw, str):
+        return [raw]
+    if raw is not None and not (isinstance(raw, list) and all(isinstance(x, str) for x in raw)):
+        raise _Fail(400, "invalid input type")
+    return list(raw or [])
 
 
 def _words(body: Body) -> int:
@@ -558,8 +562,9 @@ class StandIn:
         return Response(status_code=201)
 
     def _v1_chat(self, request: Request, body: Body) -> _Reply:
-        if not isinstance(body.get("messages"), list):
-            raise _Fail(400, "messages must be an array")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _Fail(400, "messages must be an array of message objects")
         return self._openai(body, chat=True)
 
     def _v1_embeddings(self, request: Request, body: Body) -> _Reply:
