@@ -6,6 +6,7 @@ surface: Ollama's ``{"error": "..."}`` on ``/api``, OpenAI's ``{"error": {...}}`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -52,34 +53,37 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(content), status_code=status, media_type=JSON, headers=headers)
 
 
+def _respond(
+    request: Request, status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    body = error_body(request.url.path, status, message)
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
 def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    body = error_body(request.url.path, exc.status, exc.message)
-    return Response(body, status_code=exc.status, media_type=JSON, headers=headers)
+    return _respond(request, exc.status, exc.message, headers)
 
 
 def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-    body = error_body(request.url.path, exc.status_code, message)
-    return Response(body, status_code=exc.status_code, media_type=JSON, headers=exc.headers)
+    return _respond(request, exc.status_code, message, exc.headers)
 
 
 def _validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's own parameter checks: a 400 like ours, not its 422 ``{"detail": [...]}``."""
     assert isinstance(exc, RequestValidationError)
-    first = next(iter(exc.errors()), {})
+    first: dict[str, Any] = next(iter(exc.errors()), {})
     where = ".".join(str(part) for part in first.get("loc", ())[1:])
-    message = f"invalid value for '{where}': {first.get('msg', 'invalid')}"
-    return Response(error_body(request.url.path, 400, message), status_code=400, media_type=JSON)
+    return _respond(request, 400, f"invalid value for '{where}': {first.get('msg', 'invalid')}")
 
 
 def _unexpected_error(request: Request, exc: Exception) -> Response:
     # A bug, not bad input: still an error body the client's parser understands. Starlette
     # re-raises ``exc`` after sending this, so uvicorn logs the traceback.
-    body = error_body(request.url.path, 500, "internal error")
-    return Response(body, status_code=500, media_type=JSON)
+    return _respond(request, 500, "internal error")
 
 
 def install_handlers(app: FastAPI) -> None:

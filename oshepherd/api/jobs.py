@@ -101,7 +101,7 @@ class Dispatcher:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(cancel_key(job.id), b"1", ex=CANCEL_TTL)
                 pipe.publish(CANCEL_CHANNEL, job.id)
-                pipe.lrem(job.queue, 1, message)
+                pipe.lrem(job.queue, 1, message)  # type: ignore[arg-type]  # bytes are fine
                 await pipe.execute()
         except RedisError as exc:
             log.warning("job %s: could not cancel: %r", job.id, exc)

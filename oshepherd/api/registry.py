@@ -44,7 +44,8 @@ class Registry:
         async with self._lock:
             now = time.time()
             ids = await self._redis.zrangebyscore(WORKERS_INDEX, now, "+inf")
-            raw = await self._redis.mget([worker_key(i.decode()) for i in ids]) if ids else []
+            keys = [worker_key(i.decode()) for i in ids if isinstance(i, bytes)]
+            raw = await self._redis.mget(keys) if keys else []
             workers = {}
             for item in raw:
                 if item is None:
