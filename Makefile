@@ -14,11 +14,12 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m bench
 
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt tests/js/package-lock.json
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	npm ci --prefix tests/js --silent --no-audit --no-fund
 	touch $@
 
 clean:
