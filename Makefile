@@ -2,25 +2,30 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OLLAMA ?= http://127.0.0.1:11434
+JS := tests/js/node_modules/.installed
 
 .PHONY: up test bench clean
 
 up: $(VENV)/.installed
 	$(VENV)/bin/oshepherd up $(foreach url,$(OLLAMA),--ollama $(url))
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(JS)
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
 	$(PY) -m bench
 
-$(VENV)/.installed: pyproject.toml requirements.txt tests/js/package-lock.json
+$(VENV)/.installed: pyproject.toml requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+# ollama-js, for the conformance tests only.
+$(JS): tests/js/package-lock.json
 	npm ci --prefix tests/js --silent --no-audit --no-fund
 	touch $@
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) tests/js/node_modules
