@@ -233,7 +233,7 @@ def test_name_alias_trailing_slash_and_bad_input(fleet: Fleet) -> None:
     assert (response.status_code, response.json()) == (400, {"error": "model is required"})
 
 
-def test_blobs_are_checked_on_every_host_and_never_uploaded(
+def test_blobs_are_checked_on_every_host_and_never_relayed(
     client: ollama.Client, fleet: Fleet, tmp_path: Path
 ) -> None:
     a, b = fleet.standins
@@ -249,6 +249,9 @@ def test_blobs_are_checked_on_every_host_and_never_uploaded(
     assert httpx.head(f"{fleet.url}/api/blobs/sha256:nothex").status_code == 400
     path = tmp_path / "model.gguf"
     path.write_bytes(data)
+    # Every host has it: ollama-python's create_blob (which never checks first) succeeds.
+    assert client.create_blob(path) == digest
+    path.write_bytes(b"a blob no host has")
     with pytest.raises(ollama.ResponseError) as info:
         client.create_blob(path)
     assert info.value.status_code == 501 and "not supported" in info.value.error

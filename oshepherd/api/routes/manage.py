@@ -86,15 +86,29 @@ async def blob_check(request: Request, digest: str) -> Response:
 
 @route("/api/blobs/{digest}", ["POST"], router)
 async def blob_upload(request: Request, digest: str) -> Response:
-    """Not supported: 501, whatever the size.
+    """201 when every target host already has the blob; otherwise 501.
 
     Jobs carry JSON text through Redis, and a blob is a model file (gigabytes of binary):
     relaying it would hold every byte in Redis once per host. Upload the blob to each
-    Ollama host directly (``POST /api/blobs/<digest>`` on the host); ``HEAD`` here then
-    answers 200, so ``ollama create`` through the gateway skips the upload and works.
+    Ollama host directly (``POST /api/blobs/<digest>`` on the host); then ``HEAD`` here
+    answers 200 and ``POST`` 201 without relaying a byte, so ``ollama create`` through the
+    gateway works whether the client checks first (ollama-js, the CLI) or not
+    (ollama-python's ``create_blob``).
     """
+    gw = gateway(request)
     if not DIGEST.fullmatch(digest):
         raise ApiError(400, "invalid digest format")
+    targets = await _targets(request, gw, lambda: _healthy(gw))
+    fanout = Fanout(gw.dispatcher, "blob check", targets, progress=False, changes_models=False)
+    await fanout.start("HEAD", f"/api/blobs/{digest}", "")
+    try:
+        async for _ in fanout.lines():
+            pass
+        missing = await fanout.failure()
+    finally:
+        await fanout.close()
+    if missing is None:
+        return Response(status_code=201)
     raise ApiError(
         501,
         "uploading blobs through oshepherd is not supported: POST the blob to each Ollama host "
