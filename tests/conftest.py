@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import ollama
 import pytest
 import redis
 
@@ -99,6 +101,36 @@ def new_fleet(server: EmbeddedRedis, log: IO[bytes]) -> Fleet:
     with redis.Redis.from_url(url) as client:
         client.flushdb()
     return Fleet(url, log)
+
+
+@contextmanager
+def two_hosts(
+    server: EmbeddedRedis,
+    log: IO[bytes],
+    first: Sequence[str],
+    second: Sequence[str],
+    worker_ids: tuple[str | None, str | None] = (None, None),
+    **second_host: Any,
+) -> Iterator[Fleet]:
+    """The usual fleet: two hosts with the given models, a worker each, one API."""
+    fleet = new_fleet(server, log)
+    try:
+        hosts = [fleet.standin(*first), fleet.standin(*second, **second_host)]
+        fleet.start_api()
+        for host, worker_id in zip(hosts, worker_ids, strict=True):
+            fleet.worker(host, worker_id=worker_id)
+        fleet.wait_for_models(*(m if ":" in m.rpartition("/")[2] else f"{m}:latest" for m in {*first, *second}))
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture
+def client(fleet: Fleet) -> ollama.Client:
+    """An ollama-python client of the module's ``fleet``, with the hosts' counters zeroed."""
+    for host in fleet.standins:
+        host.reset_counters()
+    return ollama.Client(host=fleet.url)
 
 
 @pytest.fixture

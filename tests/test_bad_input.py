@@ -18,7 +18,7 @@ from oshepherd.api.errors import install_handlers
 from oshepherd.config import ApiSettings
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component
-from tests.conftest import Fleet, new_fleet
+from tests.conftest import Fleet, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,15 +29,9 @@ SMALL_LIMIT = 4096
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    a = fleet.standin("llama3", "hf.co/org/repo:Q4_K_M")
-    b = fleet.standin("namespace/model:tag")
-    fleet.start_api()
-    fleet.worker(a)
-    fleet.worker(b)
-    fleet.wait_for_models("llama3:latest", "hf.co/org/repo:Q4_K_M", "namespace/model:tag")
-    yield fleet
-    fleet.stop()
+    models = ("llama3", "hf.co/org/repo:Q4_K_M"), ("namespace/model:tag",)
+    with two_hosts(redis_server, stack_log, *models) as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")

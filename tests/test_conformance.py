@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, new_fleet, tag_names, wait_until
+from tests.conftest import Fleet, tag_names, two_hosts, wait_until
 from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,15 +77,9 @@ class Caller:
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    a = fleet.standin("llama3", "shared:7b")
-    b = fleet.standin("qwen2:7b", "shared:7b")
-    fleet.start_api()
-    fleet.worker(a)
-    fleet.worker(b)
-    fleet.wait_for_models("llama3:latest", "qwen2:7b", "shared:7b")
-    yield fleet
-    fleet.stop()
+    models = ("llama3", "shared:7b"), ("qwen2:7b", "shared:7b")
+    with two_hosts(redis_server, stack_log, *models) as fleet:
+        yield fleet
 
 
 @pytest.fixture(params=["sync", "async"])

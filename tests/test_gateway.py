@@ -12,29 +12,16 @@ import ollama
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, new_fleet, tag_names, wait_until
+from tests.conftest import Fleet, tag_names, two_hosts, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    a = fleet.standin("llama3", "shared:7b")
-    b = fleet.standin("qwen2:7b", "shared:7b", version="0.11.4")
-    fleet.start_api()
-    fleet.worker(a)
-    fleet.worker(b)
-    fleet.wait_for_models("llama3:latest", "qwen2:7b", "shared:7b")
-    yield fleet
-    fleet.stop()
-
-
-@pytest.fixture
-def client(fleet: Fleet) -> ollama.Client:
-    for host in fleet.standins:
-        host.reset_counters()
-    return ollama.Client(host=fleet.url)
+    models = ("llama3", "shared:7b"), ("qwen2:7b", "shared:7b")
+    with two_hosts(redis_server, stack_log, *models, version="0.11.4") as fleet:
+        yield fleet
 
 
 def test_list_is_the_union_without_duplicates(client: ollama.Client, fleet: Fleet) -> None:

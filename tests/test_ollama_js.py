@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, new_fleet, tag_names
+from tests.conftest import Fleet, tag_names, two_hosts
 
 JS = Path(__file__).parent / "js"
 INSTALL = "npm ci --prefix tests/js"
@@ -32,15 +32,9 @@ def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
     # A missing client is a broken checkout, not an optional extra: fail, do not skip.
     if not (JS / "node_modules" / "ollama").is_dir():
         pytest.fail(f"tests/js/node_modules is missing: run `{INSTALL}`")
-    fleet = new_fleet(redis_server, stack_log)
-    a = fleet.standin("llama3", "shared:7b")
-    b = fleet.standin("qwen2:7b", "shared:7b", version="0.11.4")
-    fleet.start_api()
-    fleet.worker(a)
-    fleet.worker(b)
-    fleet.wait_for_models("llama3:latest", "qwen2:7b", "shared:7b")
-    yield fleet
-    fleet.stop()
+    models = ("llama3", "shared:7b"), ("qwen2:7b", "shared:7b")
+    with two_hosts(redis_server, stack_log, *models, version="0.11.4") as fleet:
+        yield fleet
 
 
 @pytest.fixture(autouse=True)
