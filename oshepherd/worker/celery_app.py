@@ -5,9 +5,11 @@ Ack policy: *at most once, no prefetch*. Queues are consumed with ``no_ack`` and
 generation longer than kombu's visibility timeout is never handed out again while it runs
 (that is what acks_late would do), a worker holds no job it is not running, and a job whose
 worker dies is re-run by the API, at most once, only if its client had received nothing.
-``no_ack`` also spares kombu's unacked-message bookkeeping: two Redis round trips per job
-on the consumer thread, which bought nothing here (a job restored an hour later is past
-its deadline and skipped).
+``no_ack`` also spares kombu's unacked-message bookkeeping, which bought nothing here (a
+job restored an hour later is past its deadline and skipped). Celery still acks every
+message (a no-op Redis round trip for a ``no_ack`` message); ``task_acks_late`` only moves
+that round trip from before the job to after it, off the client's path. It cannot cause a
+redelivery: a ``no_ack`` message is never in kombu's unacked set.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         result_serializer="json",
         result_accept_content=["json"],
         task_ignore_result=True,
-        task_acks_late=False,
+        task_acks_late=True,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_enable_remote_control=False,
