@@ -60,6 +60,9 @@ class JobRunner:
         self.in_flight[job.id] = task
         try:
             if await self._claim(job):
+                # redis-py (8.1) can lose a cancel that lands while a command runs.
+                if task.cancelling():
+                    raise asyncio.CancelledError
                 await self._forward(job)
         except asyncio.CancelledError:
             log.info("job %s: cancelled by its client", job.id)

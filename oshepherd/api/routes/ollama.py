@@ -76,12 +76,12 @@ def _check_input(data: dict[str, Any]) -> None:
 
 
 @route("/api/generate", ["POST"])
-async def generate(request: Request) -> RelayResponse:
+async def generate(request: Request) -> Response:
     return await forward(request, "/api/generate")
 
 
 @route("/api/chat", ["POST"])
-async def chat(request: Request) -> RelayResponse:
+async def chat(request: Request) -> Response:
     return await forward(request, "/api/chat", _check_messages)
 
 
@@ -91,12 +91,12 @@ async def embed(request: Request) -> Response:
 
 
 @route("/api/embeddings", ["POST"])
-async def embeddings(request: Request) -> RelayResponse:
+async def embeddings(request: Request) -> Response:
     return await forward(request, "/api/embeddings")
 
 
 @route("/api/show", ["POST"])
-async def show(request: Request) -> RelayResponse:
+async def show(request: Request) -> Response:
     return await forward(request, "/api/show")
 
 
