@@ -76,6 +76,10 @@ class Registry:
         now = time.time()
         self._install({k: w for k, w in self.workers.items() if w.expires > now})
 
+    def healthy(self) -> list[WorkerEntry]:
+        """Every worker whose host answers, by id."""
+        return sorted((w for w in self.workers.values() if w.healthy), key=lambda w: w.id)
+
     def holders(self, model: str) -> list[WorkerEntry]:
         """Workers whose host has ``model`` (normalized), healthy or not."""
         return self._holders.get(model, [])

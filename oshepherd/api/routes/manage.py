@@ -163,7 +163,7 @@ async def _targets(request: Request, gw: Gateway, default: Targets) -> list[Work
 
 
 def _healthy(gw: Gateway) -> list[WorkerEntry]:
-    workers = sorted((w for w in gw.registry.workers.values() if w.healthy), key=lambda w: w.id)
+    workers = gw.registry.healthy()
     if not workers:
         raise ApiError(503, "no healthy worker is available", retry_after=5)
     return workers

@@ -123,8 +123,7 @@ async def ps(request: Request) -> Response:
 
 
 def healthy_workers(request: Request) -> list[WorkerEntry]:
-    workers = gateway(request).registry.workers.values()
-    return sorted((w for w in workers if w.healthy), key=lambda w: w.id)
+    return gateway(request).registry.healthy()
 
 
 def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
