@@ -6,10 +6,11 @@ generation longer than kombu's visibility timeout is never handed out again whil
 (that is what acks_late would do), a worker holds no job it is not running, and a job whose
 worker dies is re-run by the API, at most once, only if its client had received nothing.
 ``no_ack`` also spares kombu's unacked-message bookkeeping, which bought nothing here (a
-job restored an hour later is past its deadline and skipped). Celery still acks every
-message (a no-op Redis round trip for a ``no_ack`` message); ``task_acks_late`` only moves
-that round trip from before the job to after it, off the client's path. It cannot cause a
-redelivery: a ``no_ack`` message is never in kombu's unacked set.
+job restored an hour later is past its deadline and skipped); ``transport`` makes Celery's
+acks of such messages free. ``task_acks_late`` cannot cause a redelivery (a ``no_ack``
+message is never in kombu's unacked set); it is there because Celery schedules the ack on
+the consumer's event loop: acking when a job *ends* wakes the consumer to fetch the next
+job at once, where an ack at the start left a full worker idle for up to a second.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         result_accept_content=["json"],
         task_ignore_result=True,
         task_acks_late=True,
+        broker_transport="oshepherd.worker.transport:Transport",
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_enable_remote_control=False,
