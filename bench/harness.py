@@ -34,6 +34,7 @@ class Profile:
     embed_workers: tuple[int, ...]
     embed_latency: float  # the stand-ins' cost per /api/embed request
     embed_repeats: int
+    soak_requests: int
 
 
 DEFAULT = Profile(
@@ -52,6 +53,7 @@ DEFAULT = Profile(
     embed_workers=(1, 2, 4),
     embed_latency=0.1,
     embed_repeats=3,
+    soak_requests=10_000,
 )
 QUICK = Profile(
     latency_requests=200,
@@ -69,6 +71,7 @@ QUICK = Profile(
     embed_workers=(1, 2),
     embed_latency=0.05,
     embed_repeats=1,
+    soak_requests=1_000,
 )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import orjson
 
 __all__ = [
+    "CANCEL_ALL",
     "CANCEL_CHANNEL",
     "TASK_NAME",
     "WORKERS_INDEX",
@@ -74,7 +75,11 @@ def worker_key(worker_id: str) -> str:
 
 
 def cancel_key(job_id: str) -> str:
+    """The first attempt of a job still allowed to start (``CANCEL_ALL``: none)."""
     return f"{PREFIX}:cancel:{job_id}"
+
+
+CANCEL_ALL = 1 << 30
 
 
 def job_channel(api_id: str, job_id: str) -> str:

@@ -21,6 +21,7 @@ from oshepherd.api.registry import Registry
 from oshepherd.config import ApiSettings
 from oshepherd.models import normalize
 from oshepherd.protocol import (
+    CANCEL_ALL,
     CANCEL_CHANNEL,
     Frame,
     Job,
@@ -46,6 +47,9 @@ return redis.call('LPUSH', KEYS[1], ARGV[1])
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 CANCEL_TTL = 3600
 LIVENESS_TICK = 1.0
+# A job gone from its queue that no worker has reported starting this long after it was
+# queued was lost with its worker (taken, then killed before it could start).
+LOST_AFTER = 3.0
 
 
 class Dispatcher:
@@ -95,16 +99,29 @@ class Dispatcher:
         if depth == -1:
             raise ApiError(503, BUSY, retry_after=5)
 
-    async def cancel(self, job: Job, message: bytes) -> None:
-        """The client is gone or the deadline passed: the job must never run (or run on)."""
+    async def cancel(self, job: Job, message: bytes, *, before: int = CANCEL_ALL) -> None:
+        """The client is gone or the deadline passed: the job must never run (or run on).
+
+        With ``before``, only attempts before it (one the API gave up on) are cancelled: no
+        running worker is told, as the next attempt may already be running.
+        """
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(cancel_key(job.id), b"1", ex=CANCEL_TTL)
-                pipe.publish(CANCEL_CHANNEL, job.id)
+                pipe.set(cancel_key(job.id), before, ex=CANCEL_TTL)
+                if before == CANCEL_ALL:
+                    pipe.publish(CANCEL_CHANNEL, job.id)
                 pipe.lrem(job.queue, 1, message)  # type: ignore[arg-type]  # bytes are fine
                 await pipe.execute()
         except RedisError as exc:
             log.warning("job %s: could not cancel: %r", job.id, exc)
+
+    async def queued(self, job: Job, message: bytes) -> bool:
+        """Whether ``message`` still waits in its queue (an error counts as yes)."""
+        try:
+            return await self.redis.lpos(job.queue, message) is not None  # type: ignore[arg-type]
+        except RedisError as exc:
+            log.warning("job %s: could not look at its queue: %r", job.id, exc)
+            return True
 
 
 class JobStream:
@@ -118,11 +135,13 @@ class JobStream:
         self._message = b""
         self._seq = 0
         self._last_frame = 0.0
+        self._enqueued = 0.0
         self._headed = False
         self.finished = False
 
     async def enqueue(self) -> None:
         self.job.deadline = time.time() + self._d.settings.queue_timeout
+        self._enqueued = time.monotonic()
         self._message = celery_message(self.job)
         self._seq, self.worker = 0, None
         try:
@@ -196,16 +215,26 @@ class JobStream:
 
     async def _check_liveness(self) -> None:
         if self.worker is None:
-            if time.time() >= self.job.deadline:
-                await self._d.cancel(self.job, self._message)
-                self.finished = True
-                timeout = self._d.settings.queue_timeout
-                raise ApiError(503, f"no worker could take the job within {timeout:g}s", retry_after=5)
+            await self._check_waiting()
             return
         if not self._d.registry.alive(self.worker):
             self._queue.put_nowait(self._synthetic(502, f"worker {self.worker} went away"))
         elif time.monotonic() - self._last_frame > self._d.settings.stall_timeout:
             self._queue.put_nowait(self._synthetic(504, f"worker {self.worker} stalled"))
+
+    async def _check_waiting(self) -> None:
+        """A job not started yet: past its deadline, or lost by a worker that died with it."""
+        if time.time() >= self.job.deadline:
+            await self._d.cancel(self.job, self._message)
+            self.finished = True
+            timeout = self._d.settings.queue_timeout
+            raise ApiError(503, f"no worker could take the job within {timeout:g}s", retry_after=5)
+        if time.monotonic() - self._enqueued < LOST_AFTER or await self._d.queued(self.job, self._message):
+            return
+        log.warning("job %s: attempt %d left its queue but never started", self.job.id, self.job.attempt)
+        # Should the worker start it after all, the start script refuses it.
+        await self._d.cancel(self.job, self._message, before=self.job.attempt + 1)
+        self._queue.put_nowait(self._synthetic(502, "the worker that took the job went away"))
 
     def _synthetic(self, status: int, error: str) -> bytes:
         meta = {"status": status, "error": error, "retry": status == 502}

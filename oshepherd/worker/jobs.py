@@ -17,10 +17,11 @@ __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 
-# Skip a cancelled job, else tell the API who took it: one round trip.
-# KEYS: cancel. ARGV: channel, start frame.
+# Skip a cancelled job (or an attempt the API has given up on), else tell the API who took
+# it: one round trip. KEYS: cancel. ARGV: channel, start frame, attempt.
 START_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local first = redis.call('GET', KEYS[1])
+if first and tonumber(ARGV[3]) < tonumber(first) then return 0 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
@@ -74,7 +75,8 @@ class JobRunner:
 
     async def _claim(self, job: Job) -> bool:
         start = encode_frame(Frame("start", 0, job.attempt, meta={"worker": self._worker_id}))
-        if not await self._start(keys=[cancel_key(job.id)], args=[job.channel, start]):
+        args: list[str | bytes | int] = [job.channel, start, job.attempt]
+        if not await self._start(keys=[cancel_key(job.id)], args=args):
             log.info("job %s: cancelled, skipped", job.id)
             return False
         return True

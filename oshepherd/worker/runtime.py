@@ -88,6 +88,7 @@ class WorkerRuntime:
             on_models_changed=self._poll,
         )
         self._tasks = [
+            asyncio.create_task(self._poll_forever()),
             asyncio.create_task(self._heartbeat_forever()),
             asyncio.create_task(self._listen_for_cancels()),
         ]
@@ -114,6 +115,14 @@ class WorkerRuntime:
             self.runner.cancel(job_id)
 
     async def _heartbeat_forever(self) -> None:
+        """Proof of life, on its own clock: a slow Ollama must not make the worker look dead
+        (the API would cut its streams off and re-run its jobs)."""
+        await self._polled.wait()
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self._register_quietly()
+
+    async def _poll_forever(self) -> None:
         while True:
             await self._poll()
             self._polled.set()

@@ -16,7 +16,7 @@ __all__ = ["Transport"]
 
 class QoS(redis.QoS):
     def ack(self, delivery_tag: str) -> None:
-        if delivery_tag in self._delivered:
+        if self._delivered is not None and delivery_tag in self._delivered:
             super().ack(delivery_tag)
 
 
