@@ -278,3 +278,32 @@ def test_a_worker_that_cannot_reach_ollama_says_so_and_stops_taking_jobs(
     assert failed.json()["error"] == f"worker {worker.meta['id']} cannot reach its Ollama at {host.url}"
     refused = httpx.post(fleet.url + GENERATE, json=body, timeout=10)
     assert refused.status_code == 503 and "no healthy worker" in refused.json()["error"]
+
+
+def test_a_job_lost_with_its_worker_before_it_started_runs_once_elsewhere(
+    make_fleet: Callable[[], Fleet],
+) -> None:
+    fleet = make_fleet()
+    host = fleet.standin("llama3", latency=1)
+    fleet.start_api()
+    fleet.worker(host, concurrency=1)
+    fleet.wait_for_models("llama3:latest")
+    busy = background(lambda: httpx.post(fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30))
+    host.wait_for(lambda h: h.active == 1)
+    results: list[httpx.Response] = []
+    body = {"model": "llama3", "prompt": "lost", "stream": False}
+    thread = background(lambda: results.append(httpx.post(fleet.url + GENERATE, json=body, timeout=30)))
+    wait_until(lambda: queue_length(fleet, "llama3:latest") == 1, 5, "job queued")
+    with redis.Redis.from_url(fleet.stack.redis_url) as client:
+        # A worker takes the job off the queue (as BRPOP does) and dies before starting it.
+        stolen = client.rpop(model_queue("llama3:latest"))
+        thread.join(20)
+        assert results and results[0].status_code == 200
+        # The dead worker's attempt, were it to start after all, is refused: the one slot
+        # takes it before the next job, which proves it was skipped once that one is done.
+        busy.join(10)
+        client.lpush(model_queue("llama3:latest"), stolen)
+    after = httpx.post(fleet.url + GENERATE, json={"model": "llama3", "prompt": "after", "stream": False}, timeout=30)
+    assert after.status_code == 200
+    prompts = [b.get("prompt") for _, p, b in host.requests if p == GENERATE]
+    assert prompts.count("lost") == 1 and prompts[-1] == "after"
