@@ -56,7 +56,7 @@ def _run_groups(lab: Lab, profile: Profile, wanted: set[str]) -> tuple[list[Row]
         print(f"-- {', '.join(sorted(figures & wanted))} ...", file=sys.stderr, flush=True)
         try:
             done = group(lab, profile, wanted & figures)
-        except Exception:  # noqa: BLE001 - one broken figure must not hide the others
+        except Exception:
             traceback.print_exc()
             crashed += 1
             continue

@@ -102,7 +102,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     columns = min(3, len(panels))
     rows_n = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows_n, columns, figsize=(5.2 * columns, 4.4 * rows_n), squeeze=False)
-    for ax, (name, draw, chosen) in zip(axes.flat, panels):
+    for ax, (name, draw, chosen) in zip(axes.flat, panels, strict=False):
         draw(ax, chosen)
         ax.set_title(name, fontsize=10)
     for ax in list(axes.flat)[len(panels) :]:

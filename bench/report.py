@@ -121,9 +121,11 @@ def table(rows: list[Row]) -> str:
     """Aligned plain text for the terminal, notes below."""
     grid = [HEADER, *(cells(r) for r in rows)]
     widths = [max(len(line[i]) for line in grid) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in grid]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in grid
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + ["", *_notes(rows)])
+    return "\n".join([*lines, "", *_notes(rows)])
 
 
 def markdown(rows: list[Row], title: str) -> str:

@@ -90,7 +90,9 @@ def start_worker(env_file: Path | None, **overrides: Any) -> None:
     envvar="CELERY_BROKER_URL",
     help="Use this Redis instead of starting an embedded one [CELERY_BROKER_URL].",
 )
-def up(ollama_urls: tuple[str, ...], port: int, host: str, concurrency: int, redis_url: str | None) -> None:
+def up(
+    ollama_urls: tuple[str, ...], port: int, host: str, concurrency: int, redis_url: str | None
+) -> None:
     """Run the whole stack here: Redis (embedded unless given), the API, one worker per host."""
     _logging("INFO")
     with Stack(redis_url) as stack:

@@ -119,7 +119,9 @@ def two_hosts(
         fleet.start_api()
         for host, worker_id in zip(hosts, worker_ids, strict=True):
             fleet.worker(host, worker_id=worker_id)
-        fleet.wait_for_models(*(m if ":" in m.rpartition("/")[2] else f"{m}:latest" for m in {*first, *second}))
+        fleet.wait_for_models(
+            *(m if ":" in m.rpartition("/")[2] else f"{m}:latest" for m in {*first, *second})
+        )
         yield fleet
     finally:
         fleet.stop()

@@ -32,8 +32,14 @@ JSON = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 SIZE = 4_661_224_676
-DETAILS = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-           "parameter_size": "8B", "quantization_level": "Q4_0"}
+DETAILS = {
+    "parent_model": "",
+    "format": "gguf",
+    "family": "llama",
+    "families": ["llama"],
+    "parameter_size": "8B",
+    "quantization_level": "Q4_0",
+}
 Body = dict[str, Any]
 Handler = Callable[[Request, Body], Any]
 
@@ -72,7 +78,7 @@ def _sha(data: str | bytes) -> str:
 def _embedding(text: str, dim: int) -> list[float]:
     """A unit vector derived from `text` alone, so batching cannot change it."""
     raw = hashlib.shake_256(text.encode()).digest(2 * dim)
-    vec = [int.from_bytes(raw[i:i + 2], "big") / 32767.5 - 1.0 for i in range(0, 2 * dim, 2)]
+    vec = [int.from_bytes(raw[i : i + 2], "big") / 32767.5 - 1.0 for i in range(0, 2 * dim, 2)]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
 
@@ -188,10 +194,19 @@ class StandIn:
     `max_parallel`) to their end; each then counts as `completed` or as one of `disconnects`.
     """
 
-    def __init__(self, models: Iterable[str] = ("llama3:latest",), *, port: int = 0,
-                 latency: float = 0.0, token_delay: float = 0.0, tokens: int = 5,
-                 max_parallel: int | None = None, version: str = "0.12.0", embed_dim: int = 8,
-                 name: str = "standin") -> None:
+    def __init__(
+        self,
+        models: Iterable[str] = ("llama3:latest",),
+        *,
+        port: int = 0,
+        latency: float = 0.0,
+        token_delay: float = 0.0,
+        tokens: int = 5,
+        max_parallel: int | None = None,
+        version: str = "0.12.0",
+        embed_dim: int = 8,
+        name: str = "standin",
+    ) -> None:
         self.models: set[str] = {_full(m) for m in models}
         self.port, self.latency, self.token_delay, self.tokens = port, latency, token_delay, tokens
         self.max_parallel, self.version, self.embed_dim = max_parallel, version, embed_dim
@@ -219,16 +234,27 @@ class StandIn:
 
     def config(self) -> uvicorn.Config:
         """The uvicorn configuration this stand-in serves with."""
-        return uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio",
-                              http="httptools", log_level="warning", access_log=False,
-                              lifespan="off")
+        return uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            loop="asyncio",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
 
     def start(self) -> StandIn:
         """Serve on a daemon thread; return once the port accepts connections."""
         self._sem = None
         self._server = server = uvicorn.Server(self.config())
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(server),),
-                                        name=f"standin-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=asyncio.run,
+            args=(self._serve(server),),
+            name=f"standin-{self.name}",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + 10
         while not server.started:
@@ -351,14 +377,26 @@ class StandIn:
 
     def _entry(self, name: str) -> Body:
         full = _full(name)
-        return {"name": full, "model": full, "modified_at": self._born, "size": SIZE,
-                "digest": _sha(full.lower()), "details": DETAILS}
+        return {
+            "name": full,
+            "model": full,
+            "modified_at": self._born,
+            "size": SIZE,
+            "digest": _sha(full.lower()),
+            "details": DETAILS,
+        }
 
     def _v1_entry(self, name: str) -> Body:
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "library"}
 
-    async def _emit(self, n: int, chunk: Callable[[int], bytes] | None, last: Callable[[], bytes],
-                    cut: list[Any] | None, error: Callable[[str], bytes]) -> AsyncIterator[bytes]:
+    async def _emit(
+        self,
+        n: int,
+        chunk: Callable[[int], bytes] | None,
+        last: Callable[[], bytes],
+        cut: list[Any] | None,
+        error: Callable[[str], bytes],
+    ) -> AsyncIterator[bytes]:
         """Produce `n` tokens at `token_delay` pace, streaming `chunk(i)` for each (unless
         `chunk` is None), then `last()`; a `cut` ends the stream early with `error(...)`."""
         for i in range(min(n, cut[1]) if cut else n):
@@ -377,21 +415,33 @@ class StandIn:
         if not body.get("format") and not (isinstance(fmt, dict) and fmt.get("type") != "text"):
             return [f"tok{i} " for i in range(n)]
         doc = '{"ok": true}'
-        return [doc[i * len(doc) // n:(i + 1) * len(doc) // n] for i in range(n)]
+        return [doc[i * len(doc) // n : (i + 1) * len(doc) // n] for i in range(n)]
 
     def _stats(self, t0: int, n: int, body: Body) -> Body:
         took = time.perf_counter_ns() - t0
-        return {"done": True, "done_reason": "stop", "total_duration": took + 3000,
-                "load_duration": 1000, "prompt_eval_count": _words(body),
-                "prompt_eval_duration": 1000, "eval_count": n, "eval_duration": took + 1000}
+        return {
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": took + 3000,
+            "load_duration": 1000,
+            "prompt_eval_count": _words(body),
+            "prompt_eval_duration": 1000,
+            "eval_count": n,
+            "eval_duration": took + 1000,
+        }
 
     def _load(self, body: Body, name: str, payload: Body) -> _Reply:
         """The answer to an empty prompt: load the model, or unload it with keep_alive 0."""
         reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
         if reason == "unload":
             self._loaded.pop(name, None)
-        obj = {"model": body["model"], "created_at": _now(), **payload, "done": True,
-               "done_reason": reason}
+        obj = {
+            "model": body["model"],
+            "created_at": _now(),
+            **payload,
+            "done": True,
+            "done_reason": reason,
+        }
         return _Reply(self, _once(lambda: orjson.dumps(obj)), JSON, False)
 
     def _native(self, body: Body, wrap: Callable[[str, str, bool], Body], extra: Body) -> _Reply:
@@ -407,12 +457,22 @@ class StandIn:
 
         def last() -> bytes:
             payload = wrap("", "", False) if stream else wrap("".join(texts), "".join(thinks), True)
-            obj = {"model": model, "created_at": _now(), **payload, **extra,
-                   **self._stats(t0, n, body)}
+            obj = {
+                "model": model,
+                "created_at": _now(),
+                **payload,
+                **extra,
+                **self._stats(t0, n, body),
+            }
             return _line(obj) if stream else orjson.dumps(obj)
 
-        chunks = self._emit(n, chunk if stream else None, last, self._take(self._cuts, stream),
-                            lambda msg: _line({"error": msg}))
+        chunks = self._emit(
+            n,
+            chunk if stream else None,
+            last,
+            self._take(self._cuts, stream),
+            lambda msg: _line({"error": msg}),
+        )
         return _Reply(self, chunks, NDJSON if stream else JSON, stream)
 
     def _openai(self, body: Body, chat: bool) -> _Reply:
@@ -420,9 +480,13 @@ class StandIn:
         self._admit(body.get("model"))
         stream, texts, p = bool(body.get("stream")), self._texts(body), _words(body)
         n, kind = len(texts), "chat.completion" if chat else "text_completion"
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}", "object": kind,
-                "created": int(time.time()), "model": body["model"],
-                "system_fingerprint": "fp_ollama"}
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids)}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_ollama",
+        }
         head = {**base, "object": f"{kind}.chunk"} if chat else base
         usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
@@ -437,15 +501,21 @@ class StandIn:
 
         def last() -> bytes:
             if not stream:
-                return orjson.dumps({**base, "choices": [choice("".join(texts), "stop")],
-                                     "usage": usage})
+                return orjson.dumps(
+                    {**base, "choices": [choice("".join(texts), "stop")], "usage": usage}
+                )
             out = _event({**head, "choices": [choice("", "stop")]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 out += _event({**head, "choices": [], "usage": usage})
             return out + b"data: [DONE]\n\n"
 
-        chunks = self._emit(n, chunk if stream else None, last, self._take(self._cuts, stream),
-                            lambda msg: _event(_error("/v1", 500, msg)))
+        chunks = self._emit(
+            n,
+            chunk if stream else None,
+            last,
+            self._take(self._cuts, stream),
+            lambda msg: _event(_error("/v1", 500, msg)),
+        )
         return _Reply(self, chunks, SSE if stream else JSON, stream)
 
     def _progress(self, body: Body, steps: list[Body]) -> Response:
@@ -455,18 +525,38 @@ class StandIn:
 
     def _ps(self, request: Request, body: Body) -> Response:
         expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
-        return _json({"models": [{**self._entry(m), "expires_at": expires, "size_vram": SIZE,
-                                  "context_length": 8192} for m in tuple(self._loaded)]})
+        return _json(
+            {
+                "models": [
+                    {
+                        **self._entry(m),
+                        "expires_at": expires,
+                        "size_vram": SIZE,
+                        "context_length": 8192,
+                    }
+                    for m in tuple(self._loaded)
+                ]
+            }
+        )
 
     def _show(self, request: Request, body: Body) -> Response:
         name = self._admit(body.get("model") or body.get("name"), load=False)
-        return _json({
-            "modelfile": f'# Modelfile generated by "ollama show"\nFROM {name}\n',
-            "parameters": "num_ctx                        8192", "template": "{{ .Prompt }}",
-            "details": DETAILS, "modified_at": self._born,
-            "model_info": {"general.architecture": "llama", "general.parameter_count": 8030261248,
-                           "llama.context_length": 8192, "llama.embedding_length": self.embed_dim},
-            "capabilities": ["completion", "tools", "thinking"]})
+        return _json(
+            {
+                "modelfile": f'# Modelfile generated by "ollama show"\nFROM {name}\n',
+                "parameters": "num_ctx                        8192",
+                "template": "{{ .Prompt }}",
+                "details": DETAILS,
+                "modified_at": self._born,
+                "model_info": {
+                    "general.architecture": "llama",
+                    "general.parameter_count": 8030261248,
+                    "llama.context_length": 8192,
+                    "llama.embedding_length": self.embed_dim,
+                },
+                "capabilities": ["completion", "tools", "thinking"],
+            }
+        )
 
     def _generate(self, request: Request, body: Body) -> _Reply:
         name = self._admit(body.get("model"))
@@ -504,8 +594,13 @@ class StandIn:
         self._admit(body.get("model"))
         inputs = _inputs(body.get("input"))
         vectors = [_embedding(t, self.embed_dim) for t in inputs]
-        obj = {"model": body["model"], "embeddings": vectors,
-               "total_duration": 3000, "load_duration": 1000, "prompt_eval_count": len(inputs)}
+        obj = {
+            "model": body["model"],
+            "embeddings": vectors,
+            "total_duration": 3000,
+            "load_duration": 1000,
+            "prompt_eval_count": len(inputs),
+        }
         return _Reply(self, _once(lambda: orjson.dumps(obj)), JSON, False)
 
     def _embeddings(self, request: Request, body: Body) -> _Reply:
@@ -520,17 +615,32 @@ class StandIn:
             raise _Fail(500, "pull model manifest: file does not exist")
         self._add(name)
         digest = f"sha256:{_sha(_key(name))}"
-        layers = [{"status": f"pulling {digest[7:19]}", "digest": digest, "total": 1000,
-                   "completed": k} for k in (0, 500, 1000)]
-        return self._progress(body, [{"status": "pulling manifest"}, *layers,
-                                     {"status": "verifying sha256 digest"},
-                                     {"status": "writing manifest"}, {"status": "success"}])
+        layers = [
+            {"status": f"pulling {digest[7:19]}", "digest": digest, "total": 1000, "completed": k}
+            for k in (0, 500, 1000)
+        ]
+        return self._progress(
+            body,
+            [
+                {"status": "pulling manifest"},
+                *layers,
+                {"status": "verifying sha256 digest"},
+                {"status": "writing manifest"},
+                {"status": "success"},
+            ],
+        )
 
     def _push(self, request: Request, body: Body) -> Response:
         digest = f"sha256:{_sha(_key(self._known(body.get('model') or body.get('name'))))}"
-        return self._progress(body, [{"status": "retrieving manifest"},
-                                     {"status": "starting upload", "digest": digest, "total": 1000},
-                                     {"status": "pushing manifest"}, {"status": "success"}])
+        return self._progress(
+            body,
+            [
+                {"status": "retrieving manifest"},
+                {"status": "starting upload", "digest": digest, "total": 1000},
+                {"status": "pushing manifest"},
+                {"status": "success"},
+            ],
+        )
 
     def _create(self, request: Request, body: Body) -> Response:
         name = _name(body.get("model") or body.get("name"))
@@ -538,8 +648,14 @@ class StandIn:
             raise _Fail(400, "neither 'from' or 'files' was specified")
         self._add(name)
         layer = _sha(str(body.get("from") or body.get("files")))
-        return self._progress(body, [{"status": f"using existing layer sha256:{layer}"},
-                                     {"status": "writing manifest"}, {"status": "success"}])
+        return self._progress(
+            body,
+            [
+                {"status": f"using existing layer sha256:{layer}"},
+                {"status": "writing manifest"},
+                {"status": "success"},
+            ],
+        )
 
     def _copy(self, request: Request, body: Body) -> Response:
         self._known(body.get("source"))
@@ -570,10 +686,15 @@ class StandIn:
     def _v1_embeddings(self, request: Request, body: Body) -> _Reply:
         self._admit(body.get("model"))
         inputs = _inputs(body.get("input"))
-        obj = {"object": "list", "model": body["model"],
-               "data": [{"object": "embedding", "embedding": _embedding(t, self.embed_dim),
-                         "index": i} for i, t in enumerate(inputs)],
-               "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
+        obj = {
+            "object": "list",
+            "model": body["model"],
+            "data": [
+                {"object": "embedding", "embedding": _embedding(t, self.embed_dim), "index": i}
+                for i, t in enumerate(inputs)
+            ],
+            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        }
         return _Reply(self, _once(lambda: orjson.dumps(obj)), JSON, False)
 
     def _v1_model(self, request: Request, body: Body) -> Response:
@@ -592,6 +713,7 @@ class StandIn:
                 return _json(_error(request.url.path, exc.status, exc.message), exc.status)
             finally:
                 self.requests.append((request.method, request.url.path, body))
+
         return endpoint
 
     async def _unrouted(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -605,24 +727,41 @@ class StandIn:
         table: list[tuple[str, str, Handler]] = [
             ("GET", "/", lambda r, b: PlainTextResponse("Ollama is running")),
             ("GET", "/api/version", lambda r, b: _json({"version": self.version})),
-            ("GET", "/api/tags", lambda r, b: _json(
-                {"models": [self._entry(m) for m in models()]})),
-            ("GET", "/api/ps", self._ps), ("POST", "/api/show", self._show),
-            ("POST", "/api/generate", self._generate), ("POST", "/api/chat", self._chat),
-            ("POST", "/api/embed", self._embed), ("POST", "/api/embeddings", self._embeddings),
-            ("POST", "/api/pull", self._pull), ("POST", "/api/push", self._push),
-            ("POST", "/api/create", self._create), ("POST", "/api/copy", self._copy),
+            (
+                "GET",
+                "/api/tags",
+                lambda r, b: _json({"models": [self._entry(m) for m in models()]}),
+            ),
+            ("GET", "/api/ps", self._ps),
+            ("POST", "/api/show", self._show),
+            ("POST", "/api/generate", self._generate),
+            ("POST", "/api/chat", self._chat),
+            ("POST", "/api/embed", self._embed),
+            ("POST", "/api/embeddings", self._embeddings),
+            ("POST", "/api/pull", self._pull),
+            ("POST", "/api/push", self._push),
+            ("POST", "/api/create", self._create),
+            ("POST", "/api/copy", self._copy),
             ("DELETE", "/api/delete", self._delete),
             ("HEAD,POST", "/api/blobs/{digest}", self._blob),
             ("POST", "/v1/chat/completions", self._v1_chat),
             ("POST", "/v1/completions", lambda r, b: self._openai(b, chat=False)),
             ("POST", "/v1/embeddings", self._v1_embeddings),
-            ("GET", "/v1/models", lambda r, b: _json(
-                {"object": "list", "data": [self._v1_entry(m) for m in models()]})),
+            (
+                "GET",
+                "/v1/models",
+                lambda r, b: _json(
+                    {"object": "list", "data": [self._v1_entry(m) for m in models()]}
+                ),
+            ),
             ("GET", "/v1/models/{model:path}", self._v1_model),
         ]
-        routes = [Route(path, self._endpoint(fn, methods in ("POST", "DELETE")),
-                        methods=methods.split(",")) for methods, path, fn in table]
+        routes = [
+            Route(
+                path, self._endpoint(fn, methods in ("POST", "DELETE")), methods=methods.split(",")
+            )
+            for methods, path, fn in table
+        ]
         return Router(routes, default=self._unrouted)
 
 
@@ -636,9 +775,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=5)
     parser.add_argument("--max-parallel", type=int, default=None)
     args = parser.parse_args(argv)
-    stand = StandIn([m for m in args.models.split(",") if m], port=args.port,
-                    latency=args.latency, token_delay=args.token_delay, tokens=args.tokens,
-                    max_parallel=args.max_parallel)
+    stand = StandIn(
+        [m for m in args.models.split(",") if m],
+        port=args.port,
+        latency=args.latency,
+        token_delay=args.token_delay,
+        tokens=args.tokens,
+        max_parallel=args.max_parallel,
+    )
     uvicorn.Server(stand.config()).run()
 
 

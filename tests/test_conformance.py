@@ -25,8 +25,10 @@ pytestmark = pytest.mark.timeout(60)
 TOKENS = "tok0 tok1 tok2 tok3 tok4 "
 THINKING = "think0 think1 think2 think3 think4 "
 # A 1x1 transparent PNG, as clients send images: base64 without a data: prefix.
-PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChw"
-         "GA60e6kgAAAABJRU5ErkJggg==")
+PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChw"
+    "GA60e6kgAAAABJRU5ErkJggg=="
+)
 USER = [{"role": "user", "content": "hello"}]
 OPTIONS = {"temperature": 0.0, "seed": 7, "num_ctx": 2048, "stop": ["\n\n"]}
 WEATHER = {
@@ -34,8 +36,11 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "The weather in a city",
-        "parameters": {"type": "object", "required": ["city"],
-                       "properties": {"city": {"type": "string", "description": "its name"}}},
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {"city": {"type": "string", "description": "its name"}},
+        },
     },
 }
 
@@ -96,9 +101,22 @@ def received(host: StandIn, path: str) -> list[dict[str, Any]]:
 
 def test_generate_forwards_every_field(call: Caller, fleet: Fleet) -> None:
     a = fleet.standins[0]
-    reply = call("generate", model="llama3", prompt="describe", suffix="!", system="be brief",
-                 images=[PIXEL], format=Answer.model_json_schema(), think=True, options=OPTIONS,
-                 keep_alive="10m", logprobs=True, top_logprobs=2, context=[1, 2, 3], raw=False)
+    reply = call(
+        "generate",
+        model="llama3",
+        prompt="describe",
+        suffix="!",
+        system="be brief",
+        images=[PIXEL],
+        format=Answer.model_json_schema(),
+        think=True,
+        options=OPTIONS,
+        keep_alive="10m",
+        logprobs=True,
+        top_logprobs=2,
+        context=[1, 2, 3],
+        raw=False,
+    )
     assert reply.done and reply.done_reason == "stop" and reply.context == [1, 2, 3]
     assert Answer.model_validate_json(reply.response).ok is True
     assert reply.thinking == THINKING
@@ -123,8 +141,16 @@ def test_load_and_unload(call: Caller) -> None:
 
 def test_chat_with_tools_answers_arguments_as_an_object(call: Caller, fleet: Fleet) -> None:
     b = fleet.standins[1]
-    reply = call("chat", model="qwen2:7b", messages=USER, tools=[WEATHER], options=OPTIONS,
-                 keep_alive=300, logprobs=True, top_logprobs=1)
+    reply = call(
+        "chat",
+        model="qwen2:7b",
+        messages=USER,
+        tools=[WEATHER],
+        options=OPTIONS,
+        keep_alive=300,
+        logprobs=True,
+        top_logprobs=1,
+    )
     (tool_call,) = reply.message.tool_calls or []
     assert tool_call.function.name == "get_weather"
     assert tool_call.function.arguments == {"x": 1}
@@ -138,9 +164,11 @@ def test_chat_with_tools_answers_arguments_as_an_object(call: Caller, fleet: Fle
 def test_chat_images_reach_the_host_unchanged(call: Caller, fleet: Fleet) -> None:
     a = fleet.standins[0]
     raw = b"\x89PNG not really"
-    messages = [{"role": "user", "content": "what is this?", "images": [PIXEL, raw]},
-                {"role": "assistant", "content": "a pixel"},
-                {"role": "user", "content": "and now?"}]
+    messages = [
+        {"role": "user", "content": "what is this?", "images": [PIXEL, raw]},
+        {"role": "assistant", "content": "a pixel"},
+        {"role": "user", "content": "and now?"},
+    ]
     reply = call("chat", model="llama3", messages=messages)
     assert reply.message.content == TOKENS
     (body,) = received(a, "/api/chat")
@@ -148,9 +176,7 @@ def test_chat_images_reach_the_host_unchanged(call: Caller, fleet: Fleet) -> Non
     assert [body] == call.sent
 
 
-def test_chat_format_schema_passes_through_and_the_reply_parses(
-    call: Caller, fleet: Fleet
-) -> None:
+def test_chat_format_schema_passes_through_and_the_reply_parses(call: Caller, fleet: Fleet) -> None:
     schema = Answer.model_json_schema()
     reply = call("chat", model="qwen2:7b", messages=USER, format=schema)
     assert Answer.model_validate_json(reply.message.content).ok is True
@@ -173,8 +199,15 @@ def test_chat_think_answers_thinking(call: Caller, fleet: Fleet) -> None:
 
 def test_embed_and_embeddings(call: Caller, fleet: Fleet) -> None:
     a = fleet.standins[0]
-    embedded = call("embed", model="llama3", input=["a", "b"], truncate=True, options=OPTIONS,
-                    keep_alive="1m", dimensions=8)
+    embedded = call(
+        "embed",
+        model="llama3",
+        input=["a", "b"],
+        truncate=True,
+        options=OPTIONS,
+        keep_alive="1m",
+        dimensions=8,
+    )
     direct = httpx.post(a.url + "/api/embed", json={"model": "llama3", "input": ["a", "b"]})
     assert [list(v) for v in embedded.embeddings] == direct.json()["embeddings"]
     assert embedded.model == "llama3" and embedded.prompt_eval_count == 2
@@ -222,9 +255,17 @@ def test_push_streams_progress_to_success(call: Caller, fleet: Fleet) -> None:
 
 def test_create_copy_delete(call: Caller, fleet: Fleet) -> None:
     made, twin = f"made-{call.kind}", f"twin-{call.kind}:2b"
-    parts = call("create", made, from_="shared:7b", system="be brief", template="{{ .Prompt }}",
-                 parameters={"temperature": 0.1, "stop": ["END"]}, license="MIT",
-                 messages=[{"role": "user", "content": "hi"}], stream=True)
+    parts = call(
+        "create",
+        made,
+        from_="shared:7b",
+        system="be brief",
+        template="{{ .Prompt }}",
+        parameters={"temperature": 0.1, "stop": ["END"]},
+        license="MIT",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+    )
     assert parts[-1].status == "success"
     assert call.sent[0]["parameters"] == {"temperature": 0.1, "stop": ["END"]}
     assert call("copy", made, twin).status == "success"
@@ -233,8 +274,11 @@ def test_create_copy_delete(call: Caller, fleet: Fleet) -> None:
     assert call("delete", made).status == call("delete", twin).status == "success"
     assert not {f"{made}:latest", twin} & tag_names(fleet.url)
     for host in fleet.standins:
-        forwarded = [body for method, path, body in host.requests
-                     if method != "GET" and path != "/api/generate"]
+        forwarded = [
+            body
+            for method, path, body in host.requests
+            if method != "GET" and path != "/api/generate"
+        ]
         assert forwarded == [body for body in call.sent if body.get("prompt") is None]
 
 
@@ -250,8 +294,6 @@ def test_errors_raise_response_errors(call: Caller, fleet: Fleet) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         call("delete", "nope:1b")
     assert info.value.status_code == 404
-
-
 
 
 def test_create_blob_is_refused(call: Caller, tmp_path: Path) -> None:

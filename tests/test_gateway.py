@@ -50,7 +50,9 @@ def test_chat_streaming_and_not(client: ollama.Client) -> None:
     assert "".join(p.message.content or "" for p in parts) == "tok0 tok1 tok2 tok3 tok4 "
     assert parts[-1].done
     reply = client.chat(model="QWEN2:7B", messages=messages)
-    assert reply.message.role == "assistant" and reply.message.content == "tok0 tok1 tok2 tok3 tok4 "
+    assert (
+        reply.message.role == "assistant" and reply.message.content == "tok0 tok1 tok2 tok3 tok4 "
+    )
     assert reply.model == "QWEN2:7B"
 
 
@@ -67,13 +69,17 @@ def test_embed_embeddings_show_ps_version(client: ollama.Client, fleet: Fleet) -
     assert httpx.get(fleet.url + "/api/version").json() == {"version": "0.11.4"}
 
 
-def test_a_model_only_one_host_has_is_always_served_by_it(client: ollama.Client, fleet: Fleet) -> None:
+def test_a_model_only_one_host_has_is_always_served_by_it(
+    client: ollama.Client, fleet: Fleet
+) -> None:
     a, b = fleet.standins
     for _ in range(6):
         client.generate(model="qwen2:7b", prompt="x")
         client.generate(model="llama3", prompt="x")
     assert b.count("/api/generate") == 6 and a.count("/api/generate") == 6
-    assert {body["model"] for _, path, body in b.requests if path == "/api/generate"} == {"qwen2:7b"}
+    assert {body["model"] for _, path, body in b.requests if path == "/api/generate"} == {
+        "qwen2:7b"
+    }
 
 
 def test_concurrent_jobs_spread_over_every_holder(client: ollama.Client, fleet: Fleet) -> None:
@@ -81,7 +87,9 @@ def test_concurrent_jobs_spread_over_every_holder(client: ollama.Client, fleet: 
     a.latency = b.latency = 1.0
     try:
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda _: client.generate(model="shared:7b", prompt="x"), range(8)))
+            replies = list(
+                pool.map(lambda _: client.generate(model="shared:7b", prompt="x"), range(8))
+            )
     finally:
         a.latency = b.latency = 0.0
     assert all(r.done for r in replies)
@@ -107,7 +115,9 @@ def test_unknown_model_is_404_at_once(client: ollama.Client) -> None:
         (b'{"model": "llama3", "stream": "yes"}', 400, "'stream'"),
     ],
 )
-def test_bad_requests_get_ollama_shaped_400s(fleet: Fleet, body: bytes, status: int, error: str) -> None:
+def test_bad_requests_get_ollama_shaped_400s(
+    fleet: Fleet, body: bytes, status: int, error: str
+) -> None:
     response = httpx.post(fleet.url + "/api/generate", content=body)
     assert response.status_code == status
     assert response.headers["content-type"].startswith("application/json")

@@ -20,7 +20,9 @@ JS = Path(__file__).parent / "js"
 INSTALL = "npm ci --prefix tests/js"
 NODE = shutil.which("node")
 if NODE is None:
-    pytest.skip("node is not installed: the ollama-js checks need Node.js 20+", allow_module_level=True)
+    pytest.skip(
+        "node is not installed: the ollama-js checks need Node.js 20+", allow_module_level=True
+    )
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +50,10 @@ def js(fleet: Fleet, check: str) -> dict[str, Any]:
     assert NODE is not None
     done = subprocess.run(
         [NODE, str(JS / "conformance.mjs"), fleet.url, check],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
@@ -66,8 +71,10 @@ def js(fleet: Fleet, check: str) -> dict[str, Any]:
         ("show", {"family": "llama", "capabilities": ["completion", "tools", "thinking"]}),
         # The fleet's lowest Ollama version.
         ("version", {"version": "0.11.4"}),
-        ("missing-model", {"name": "ResponseError", "status_code": 404,
-                           "error": "model 'nope:1b' not found"}),
+        (
+            "missing-model",
+            {"name": "ResponseError", "status_code": 404, "error": "model 'nope:1b' not found"},
+        ),
     ],
 )
 def test_check(fleet: Fleet, check: str, expected: dict[str, Any]) -> None:
@@ -90,11 +97,17 @@ def test_pull_progress_ends_with_success_and_the_model_is_listed(fleet: Fleet) -
 
 def test_create_copy_push_delete(fleet: Fleet) -> None:
     result = js(fleet, "manage")
-    assert result == {"created": "success", "pushed": "success",
-                      "listed": ["jsmade:latest", "jscopy:latest"], "left": []}
+    assert result == {
+        "created": "success",
+        "pushed": "success",
+        "listed": ["jsmade:latest", "jscopy:latest"],
+        "left": [],
+    }
     for host in fleet.standins:
         assert [body for _, path, body in host.requests if path == "/api/delete"] == [
-            {"name": "jsmade"}, {"name": "jscopy"}]
+            {"name": "jsmade"},
+            {"name": "jscopy"},
+        ]
 
 
 @pytest.mark.parametrize("check", ["abort", "abort-stream"])

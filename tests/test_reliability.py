@@ -46,7 +46,9 @@ def test_client_disconnect_stops_generation(make_fleet: Callable[[], Fleet]) -> 
     fleet.start_api()
     fleet.worker(host)
     fleet.wait_for_models("llama3:latest")
-    with httpx.stream("POST", fleet.url + GENERATE, json={"model": "llama3", "prompt": "x"}) as response:
+    with httpx.stream(
+        "POST", fleet.url + GENERATE, json={"model": "llama3", "prompt": "x"}
+    ) as response:
         lines = response.iter_lines()
         next(lines), next(lines)
     host.wait_for(lambda h: h.disconnects == 1, timeout=3)
@@ -61,7 +63,11 @@ def test_a_queued_job_whose_client_left_never_runs(make_fleet: Callable[[], Flee
     fleet.start_api()
     fleet.worker(host, concurrency=1)
     fleet.wait_for_models("llama3:latest")
-    first = background(lambda: httpx.post(fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30))
+    first = background(
+        lambda: httpx.post(
+            fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30
+        )
+    )
     host.wait_for(lambda h: h.active == 1)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job is queued
         httpx.post(fleet.url + GENERATE, json={"model": "llama3", "prompt": "gone"}, timeout=0.5)
@@ -77,7 +83,11 @@ def test_queue_deadline_gives_503_and_the_job_never_runs(make_fleet: Callable[[]
     fleet.start_api(queue_timeout=0.5)
     fleet.worker(host, concurrency=1)
     fleet.wait_for_models("llama3:latest")
-    first = background(lambda: httpx.post(fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30))
+    first = background(
+        lambda: httpx.post(
+            fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30
+        )
+    )
     host.wait_for(lambda h: h.active == 1)
     late = httpx.post(fleet.url + GENERATE, json={"model": "llama3", "prompt": "late"}, timeout=10)
     assert late.status_code == 503
@@ -113,7 +123,10 @@ def test_workers_hold_no_job_beyond_their_slots(make_fleet: Callable[[], Fleet])
     fleet.worker(host, concurrency=2)
     fleet.wait_for_models("llama3:latest")
     body = {"model": "llama3", "stream": False}
-    threads = [background(lambda: httpx.post(fleet.url + GENERATE, json=body, timeout=30)) for _ in range(5)]
+    threads = [
+        background(lambda: httpx.post(fleet.url + GENERATE, json=body, timeout=30))
+        for _ in range(5)
+    ]
     host.wait_for(lambda h: h.active == 2)
     wait_until(lambda: queue_length(fleet, "llama3:latest") == 3, 5, "three jobs left in Redis")
     for thread in threads:
@@ -121,7 +134,9 @@ def test_workers_hold_no_job_beyond_their_slots(make_fleet: Callable[[], Fleet])
     assert host.completed == 5 and host.peak_active == 2
 
 
-def test_worker_death_reruns_unstarted_and_silent_jobs_elsewhere(make_fleet: Callable[[], Fleet]) -> None:
+def test_worker_death_reruns_unstarted_and_silent_jobs_elsewhere(
+    make_fleet: Callable[[], Fleet],
+) -> None:
     fleet = make_fleet()
     doomed = fleet.standin("llama3", latency=2)
     spare = fleet.standin("llama3")
@@ -130,7 +145,9 @@ def test_worker_death_reruns_unstarted_and_silent_jobs_elsewhere(make_fleet: Cal
     fleet.wait_for_models("llama3:latest")
     results: list[httpx.Response] = []
     body = {"model": "llama3", "prompt": "x", "stream": False}
-    thread = background(lambda: results.append(httpx.post(fleet.url + GENERATE, json=body, timeout=30)))
+    thread = background(
+        lambda: results.append(httpx.post(fleet.url + GENERATE, json=body, timeout=30))
+    )
     doomed.wait_for(lambda h: h.active == 1)  # started on the doomed host, nothing sent yet
     fleet.worker(spare, concurrency=1)
     victim.kill()
@@ -173,7 +190,9 @@ def test_ollama_down_stops_routing_and_recovers(make_fleet: Callable[[], Fleet])
     assert answer.status_code == 200 and worker.alive()
 
 
-def test_sigterm_worker_finishes_in_flight_jobs_and_deregisters(make_fleet: Callable[[], Fleet]) -> None:
+def test_sigterm_worker_finishes_in_flight_jobs_and_deregisters(
+    make_fleet: Callable[[], Fleet],
+) -> None:
     fleet = make_fleet()
     host = fleet.standin("llama3", tokens=50, token_delay=0.03)
     fleet.start_api()
@@ -275,7 +294,10 @@ def test_a_worker_that_cannot_reach_ollama_says_so_and_stops_taking_jobs(
     body = {"model": "llama3", "stream": False}
     failed = httpx.post(fleet.url + GENERATE, json=body, timeout=10)
     assert failed.status_code == 502
-    assert failed.json()["error"] == f"worker {worker.meta['id']} cannot reach its Ollama at {host.url}"
+    assert (
+        failed.json()["error"]
+        == f"worker {worker.meta['id']} cannot reach its Ollama at {host.url}"
+    )
     refused = httpx.post(fleet.url + GENERATE, json=body, timeout=10)
     assert refused.status_code == 503 and "no healthy worker" in refused.json()["error"]
 
@@ -288,11 +310,17 @@ def test_a_job_lost_with_its_worker_before_it_started_runs_once_elsewhere(
     fleet.start_api()
     fleet.worker(host, concurrency=1)
     fleet.wait_for_models("llama3:latest")
-    busy = background(lambda: httpx.post(fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30))
+    busy = background(
+        lambda: httpx.post(
+            fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30
+        )
+    )
     host.wait_for(lambda h: h.active == 1)
     results: list[httpx.Response] = []
     body = {"model": "llama3", "prompt": "lost", "stream": False}
-    thread = background(lambda: results.append(httpx.post(fleet.url + GENERATE, json=body, timeout=30)))
+    thread = background(
+        lambda: results.append(httpx.post(fleet.url + GENERATE, json=body, timeout=30))
+    )
     wait_until(lambda: queue_length(fleet, "llama3:latest") == 1, 5, "job queued")
     with redis.Redis.from_url(fleet.stack.redis_url) as client:
         # A worker takes the job off the queue (as BRPOP does) and dies before starting it.
@@ -303,7 +331,11 @@ def test_a_job_lost_with_its_worker_before_it_started_runs_once_elsewhere(
         # takes it before the next job, which proves it was skipped once that one is done.
         busy.join(10)
         client.lpush(model_queue("llama3:latest"), stolen)
-    after = httpx.post(fleet.url + GENERATE, json={"model": "llama3", "prompt": "after", "stream": False}, timeout=30)
+    after = httpx.post(
+        fleet.url + GENERATE,
+        json={"model": "llama3", "prompt": "after", "stream": False},
+        timeout=30,
+    )
     assert after.status_code == 200
     prompts = [b.get("prompt") for _, p, b in host.requests if p == GENERATE]
     assert prompts.count("lost") == 1 and prompts[-1] == "after"

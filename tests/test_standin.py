@@ -72,9 +72,12 @@ def test_generate(stand: StandIn, client: ollama.Client) -> None:
 
 
 def test_ndjson_wire_format(http: httpx.Client) -> None:
-    with http.stream("POST", "/api/chat",
-                     content=b'{"model":"qwen2:7b","messages":[{"role":"user","content":"hi"}]}',
-                     headers={"content-type": "application/x-www-form-urlencoded"}) as r:
+    with http.stream(
+        "POST",
+        "/api/chat",
+        content=b'{"model":"qwen2:7b","messages":[{"role":"user","content":"hi"}]}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    ) as r:
         assert r.headers["content-type"] == "application/x-ndjson"
         raw = r.read()
     lines = raw.split(b"\n")
@@ -191,9 +194,14 @@ def test_disconnect_stops_generation(stand: StandIn, http: httpx.Client) -> None
 def test_max_parallel_and_latency(stand: StandIn) -> None:
     stand.max_parallel, stand.latency = 1, 0.15
     start = time.monotonic()
-    threads = [threading.Thread(target=httpx.post, args=(f"{stand.url}/api/embed",),
-                                kwargs={"json": {"model": "llama3", "input": "x"}})
-               for _ in range(3)]
+    threads = [
+        threading.Thread(
+            target=httpx.post,
+            args=(f"{stand.url}/api/embed",),
+            kwargs={"json": {"model": "llama3", "input": "x"}},
+        )
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -208,8 +216,9 @@ def test_openai_layer(http: httpx.Client) -> None:
     done = http.post("/v1/chat/completions", json={"model": "llama3", "messages": msgs}).json()
     assert done["object"] == "chat.completion" and done["usage"]["completion_tokens"] == 5
     assert done["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
-    with http.stream("POST", "/v1/chat/completions",
-                     json={"model": "llama3", "messages": msgs, "stream": True}) as r:
+    with http.stream(
+        "POST", "/v1/chat/completions", json={"model": "llama3", "messages": msgs, "stream": True}
+    ) as r:
         assert r.headers["content-type"] == "text/event-stream"
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"

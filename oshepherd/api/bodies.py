@@ -71,5 +71,7 @@ def stream_flag(data: dict[str, Any], default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ApiError(400, f"invalid value for 'stream': expected a boolean, got {type(value).__name__}")
+        raise ApiError(
+            400, f"invalid value for 'stream': expected a boolean, got {type(value).__name__}"
+        )
     return value

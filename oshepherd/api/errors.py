@@ -49,7 +49,9 @@ def error_body(path: str, status: int, message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type=JSON, headers=headers)
 
 

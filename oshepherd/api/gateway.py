@@ -43,7 +43,9 @@ class Gateway:
             asyncio.create_task(self.registry.run_forever()),
         ]
         if not await self.hub.wait_ready(timeout=10):
-            log.warning("Redis at %s is not answering yet; will keep trying", redacted(self.settings.redis))
+            log.warning(
+                "Redis at %s is not answering yet; will keep trying", redacted(self.settings.redis)
+            )
 
     async def stop(self) -> None:
         for task in self.tasks:

@@ -93,7 +93,9 @@ class Dispatcher:
         if not self.hub.is_ready:
             raise ApiError(503, "the gateway is reconnecting to Redis", retry_after=2)
         try:
-            depth = await self._enqueue(keys=[job.queue], args=[message, self.settings.max_queue_depth])
+            depth = await self._enqueue(
+                keys=[job.queue], args=[message, self.settings.max_queue_depth]
+            )
         except RedisError as exc:
             raise ApiError(503, f"the gateway cannot reach Redis: {exc}", retry_after=5) from None
         if depth == -1:
@@ -229,9 +231,13 @@ class JobStream:
             self.finished = True
             timeout = self._d.settings.queue_timeout
             raise ApiError(503, f"no worker could take the job within {timeout:g}s", retry_after=5)
-        if time.monotonic() - self._enqueued < LOST_AFTER or await self._d.queued(self.job, self._message):
+        if time.monotonic() - self._enqueued < LOST_AFTER or await self._d.queued(
+            self.job, self._message
+        ):
             return
-        log.warning("job %s: attempt %d left its queue but never started", self.job.id, self.job.attempt)
+        log.warning(
+            "job %s: attempt %d left its queue but never started", self.job.id, self.job.attempt
+        )
         # Should the worker start it after all, the start script refuses it.
         await self._d.cancel(self.job, self._message, before=self.job.attempt + 1)
         self._queue.put_nowait(self._synthetic(502, "the worker that took the job went away"))
@@ -251,10 +257,17 @@ class JobStream:
         if self.job.attempt > 0 or not self.job.model:
             return False
         await self._d.refresh_registry(max_age=0)  # the failed worker has re-registered
-        others = [w for w in self._d.registry.healthy_holders(self.job.model) if w.id != self.worker]
+        others = [
+            w for w in self._d.registry.healthy_holders(self.job.model) if w.id != self.worker
+        ]
         if not others:
             return False
-        log.warning("job %s: attempt %d failed on %s, re-running", self.job.id, self.job.attempt, self.worker)
+        log.warning(
+            "job %s: attempt %d failed on %s, re-running",
+            self.job.id,
+            self.job.attempt,
+            self.worker,
+        )
         self.job.attempt += 1
         await self.enqueue()
         return True

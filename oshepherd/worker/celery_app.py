@@ -19,9 +19,9 @@ import logging
 from typing import Any
 
 from celery import Celery, bootsteps
-from kombu import Queue
 from celery.signals import worker_shutting_down
 from celery.worker.consumer import Consumer
+from kombu import Queue
 
 from oshepherd.config import VISIBILITY_TIMEOUT, WorkerSettings
 from oshepherd.protocol import TASK_NAME, worker_queue
@@ -35,7 +35,9 @@ QUEUE_SYNC_INTERVAL = 1.0
 
 
 def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
-    app = Celery("oshepherd", broker=settings.celery_broker_url, backend=settings.celery_backend_url)
+    app = Celery(
+        "oshepherd", broker=settings.celery_broker_url, backend=settings.celery_backend_url
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -63,7 +65,7 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
     class FollowModels(bootsteps.StartStopStep):
         """Consume exactly the queues of the models the host has, following its changes."""
 
-        requires = {"celery.worker.consumer.tasks:Tasks"}
+        requires = {"celery.worker.consumer.tasks:Tasks"}  # noqa: RUF012 (Celery's API)
 
         def start(self, c: Consumer) -> None:
             self._timer = c.timer.call_repeatedly(QUEUE_SYNC_INTERVAL, self.sync, (c,))

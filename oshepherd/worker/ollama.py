@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["HostState", "OllamaHost", "OllamaUnreachable", "TRANSPORT_ERRORS"]
+__all__ = ["TRANSPORT_ERRORS", "HostState", "OllamaHost", "OllamaUnreachable"]
 
 # What "Ollama did not answer, or broke off" looks like on this hop.
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -54,7 +54,9 @@ class OllamaHost:
         """Models, running models and version, fetched at once; never raises."""
         try:
             tags, ps, version = await asyncio.gather(
-                self._get_json("/api/tags"), self._get_json("/api/ps"), self._get_json("/api/version")
+                self._get_json("/api/tags"),
+                self._get_json("/api/ps"),
+                self._get_json("/api/version"),
             )
         except OllamaUnreachable as exc:
             return HostState(healthy=False, error=str(exc))

@@ -103,7 +103,9 @@ class Outbox:
         del self._buffer[:cut]
         return body
 
-    async def _publish(self, kind: FrameKind, body: bytes = b"", meta: dict[str, Any] | None = None) -> None:
+    async def _publish(
+        self, kind: FrameKind, body: bytes = b"", meta: dict[str, Any] | None = None
+    ) -> None:
         frame = Frame(kind, self._seq, self._attempt, body, meta or {})
         self._seq += 1
         await self._redis.publish(self._channel, encode_frame(frame))

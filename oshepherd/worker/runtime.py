@@ -44,7 +44,9 @@ class WorkerRuntime:
         self.settings = settings
         self.worker_id = settings.worker_id
         self.loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="oshepherd-io", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="oshepherd-io", daemon=True
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._state = HostState(error="not polled yet")
         self._started_at = time.time()
@@ -141,9 +143,13 @@ class WorkerRuntime:
             # (503 with Retry-After, not 404).
             state.models, state.running = self._state.models, []
         if state.healthy and not self._state.healthy:
-            log.info("Ollama at %s answers (version %s)", self.settings.ollama_base_url, state.version)
+            log.info(
+                "Ollama at %s answers (version %s)", self.settings.ollama_base_url, state.version
+            )
         elif self._state.healthy and not state.healthy:
-            log.warning("Ollama at %s is unreachable: %s", self.settings.ollama_base_url, state.error)
+            log.warning(
+                "Ollama at %s is unreachable: %s", self.settings.ollama_base_url, state.error
+            )
         self._state = state
         if not self._draining:
             names = {normalize(str(m.get("model") or m.get("name") or "")) for m in state.models}

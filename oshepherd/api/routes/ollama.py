@@ -29,7 +29,9 @@ def route(
 
     def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         for p in (path, path + "/") if path != "/" else (path,):
-            into.add_api_route(p, endpoint, methods=methods, include_in_schema=p == path, response_model=None)
+            into.add_api_route(
+                p, endpoint, methods=methods, include_in_schema=p == path, response_model=None
+            )
         return endpoint
 
     return register
