@@ -4,13 +4,18 @@ PY := $(VENV)/bin/python
 OLLAMA ?= http://127.0.0.1:11434
 JS := tests/js/node_modules/.installed
 
-.PHONY: up test bench clean
+.PHONY: up test lint bench clean
 
 up: $(VENV)/.installed
 	$(VENV)/bin/oshepherd up $(foreach url,$(OLLAMA),--ollama $(url))
 
 test: $(VENV)/.installed $(JS)
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check oshepherd tests bench
+	$(VENV)/bin/ruff format --check oshepherd tests bench
+	$(VENV)/bin/mypy oshepherd
 
 bench: $(VENV)/.installed
 	$(PY) -m bench
