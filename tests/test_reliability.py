@@ -6,7 +6,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import psutil
@@ -15,7 +15,9 @@ import redis
 
 from oshepherd.protocol import model_queue, worker_key
 from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.stack import Component
 from tests.conftest import Fleet, tag_names, wait_until
+from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,6 +37,29 @@ def background(target: Callable[..., None], *args: object) -> threading.Thread:
     return thread
 
 
+def one_host(
+    fleet: Fleet,
+    *,
+    api: dict[str, Any] | None = None,
+    worker: dict[str, Any] | None = None,
+    **host: Any,
+) -> tuple[StandIn, Component]:
+    """The usual scene: a host serving llama3 (with ``host`` options), its worker, the API."""
+    standin = fleet.standin("llama3", **host)
+    fleet.start_api(**(api or {}))
+    component = fleet.worker(standin, **(worker or {}))
+    fleet.wait_for_models("llama3:latest")
+    return standin, component
+
+
+def occupy(fleet: Fleet, host: StandIn) -> threading.Thread:
+    """A job that keeps a slow host's one slot busy; the returned thread ends with it."""
+    body = {"model": "llama3", "stream": False}
+    thread = background(lambda: httpx.post(fleet.url + GENERATE, json=body, timeout=30))
+    host.wait_for(lambda h: h.active == 1)
+    return thread
+
+
 def queue_length(fleet: Fleet, model: str) -> int:
     with redis.Redis.from_url(fleet.stack.redis_url) as client:
         return int(client.llen(model_queue(model)))
@@ -42,10 +67,7 @@ def queue_length(fleet: Fleet, model: str) -> int:
 
 def test_client_disconnect_stops_generation(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", tokens=1000, token_delay=0.01)
-    fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
+    host, _ = one_host(fleet, tokens=1000, token_delay=0.01)
     with httpx.stream(
         "POST", fleet.url + GENERATE, json={"model": "llama3", "prompt": "x"}
     ) as response:
@@ -59,16 +81,8 @@ def test_client_disconnect_stops_generation(make_fleet: Callable[[], Fleet]) -> 
 
 def test_a_queued_job_whose_client_left_never_runs(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", latency=1.5)
-    fleet.start_api()
-    fleet.worker(host, concurrency=1)
-    fleet.wait_for_models("llama3:latest")
-    first = background(
-        lambda: httpx.post(
-            fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30
-        )
-    )
-    host.wait_for(lambda h: h.active == 1)
+    host, _ = one_host(fleet, worker=dict(concurrency=1), latency=1.5)
+    first = occupy(fleet, host)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job is queued
         httpx.post(fleet.url + GENERATE, json={"model": "llama3", "prompt": "gone"}, timeout=0.5)
     wait_until(lambda: queue_length(fleet, "llama3:latest") == 0, 5, "queued job withdrawn")
@@ -79,16 +93,8 @@ def test_a_queued_job_whose_client_left_never_runs(make_fleet: Callable[[], Flee
 
 def test_queue_deadline_gives_503_and_the_job_never_runs(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", latency=3)
-    fleet.start_api(queue_timeout=0.5)
-    fleet.worker(host, concurrency=1)
-    fleet.wait_for_models("llama3:latest")
-    first = background(
-        lambda: httpx.post(
-            fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30
-        )
-    )
-    host.wait_for(lambda h: h.active == 1)
+    host, _ = one_host(fleet, api=dict(queue_timeout=0.5), worker=dict(concurrency=1), latency=3)
+    first = occupy(fleet, host)
     late = httpx.post(fleet.url + GENERATE, json={"model": "llama3", "prompt": "late"}, timeout=10)
     assert late.status_code == 503
     assert late.headers["retry-after"] and "within 0.5s" in late.json()["error"]
@@ -100,10 +106,7 @@ def test_queue_deadline_gives_503_and_the_job_never_runs(make_fleet: Callable[[]
 
 def test_backpressure_fails_fast_past_the_queue_depth(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", latency=2)
-    fleet.start_api(max_queue_depth=1)
-    fleet.worker(host, concurrency=1)
-    fleet.wait_for_models("llama3:latest")
+    host, _ = one_host(fleet, api=dict(max_queue_depth=1), worker=dict(concurrency=1), latency=2)
     body = {"model": "llama3", "stream": False}
     running = background(lambda: httpx.post(fleet.url + GENERATE, json=body, timeout=30))
     host.wait_for(lambda h: h.active == 1)
@@ -118,10 +121,7 @@ def test_backpressure_fails_fast_past_the_queue_depth(make_fleet: Callable[[], F
 
 def test_workers_hold_no_job_beyond_their_slots(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", latency=1.5)
-    fleet.start_api()
-    fleet.worker(host, concurrency=2)
-    fleet.wait_for_models("llama3:latest")
+    host, _ = one_host(fleet, worker=dict(concurrency=2), latency=1.5)
     body = {"model": "llama3", "stream": False}
     threads = [
         background(lambda: httpx.post(fleet.url + GENERATE, json=body, timeout=30))
@@ -158,10 +158,7 @@ def test_worker_death_reruns_unstarted_and_silent_jobs_elsewhere(
 
 def test_worker_death_mid_stream_ends_with_an_error_line(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", tokens=1000, token_delay=0.02)
-    fleet.start_api()
-    victim = fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
+    host, victim = one_host(fleet, tokens=1000, token_delay=0.02)
     lines: list[dict[str, object]] = []
     thread = background(stream_lines, fleet.url, {"model": "llama3", "prompt": "x"}, lines)
     wait_until(lambda: len(lines) >= 3, 5, "stream started")
@@ -176,10 +173,7 @@ def test_worker_death_mid_stream_ends_with_an_error_line(make_fleet: Callable[[]
 
 def test_ollama_down_stops_routing_and_recovers(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3")
-    fleet.start_api()
-    worker = fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
+    host, worker = one_host(fleet)
     host.stop()
     wait_until(lambda: "llama3:latest" not in tag_names(fleet.url), 5, "host dropped")
     refused = httpx.post(fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=5)
@@ -194,10 +188,7 @@ def test_sigterm_worker_finishes_in_flight_jobs_and_deregisters(
     make_fleet: Callable[[], Fleet],
 ) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", tokens=50, token_delay=0.03)
-    fleet.start_api()
-    worker = fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
+    _, worker = one_host(fleet, tokens=50, token_delay=0.03)
     lines: list[dict[str, object]] = []
     thread = background(stream_lines, fleet.url, {"model": "llama3", "prompt": "x"}, lines)
     wait_until(lambda: len(lines) >= 2, 5, "stream started")
@@ -210,10 +201,9 @@ def test_sigterm_worker_finishes_in_flight_jobs_and_deregisters(
 
 def test_sigterm_api_lets_in_flight_streams_finish(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", tokens=40, token_delay=0.03)
-    api = fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
+    one_host(fleet, tokens=40, token_delay=0.03)
+    api = fleet.api
+    assert api is not None
     lines: list[dict[str, object]] = []
     thread = background(stream_lines, fleet.url, {"model": "llama3", "prompt": "x"}, lines)
     wait_until(lambda: len(lines) >= 2, 5, "stream started")
@@ -306,16 +296,8 @@ def test_a_job_lost_with_its_worker_before_it_started_runs_once_elsewhere(
     make_fleet: Callable[[], Fleet],
 ) -> None:
     fleet = make_fleet()
-    host = fleet.standin("llama3", latency=1)
-    fleet.start_api()
-    fleet.worker(host, concurrency=1)
-    fleet.wait_for_models("llama3:latest")
-    busy = background(
-        lambda: httpx.post(
-            fleet.url + GENERATE, json={"model": "llama3", "stream": False}, timeout=30
-        )
-    )
-    host.wait_for(lambda h: h.active == 1)
+    host, _ = one_host(fleet, worker=dict(concurrency=1), latency=1)
+    busy = occupy(fleet, host)
     results: list[httpx.Response] = []
     body = {"model": "llama3", "prompt": "lost", "stream": False}
     thread = background(
