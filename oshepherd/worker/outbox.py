@@ -60,7 +60,9 @@ class Outbox:
         """Publish until the final frame has left."""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._ping_interval)
+                # asyncio.timeout, not wait_for: no task per frame on the hot path.
+                async with asyncio.timeout(self._ping_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 await self._publish("ping")
                 continue
