@@ -15,7 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-__all__ = ["ApiError", "error_body", "install_handlers", "is_openai", "json_response"]
+__all__ = [
+    "ApiError",
+    "error_body",
+    "error_response",
+    "install_handlers",
+    "is_openai",
+    "json_response",
+]
 
 JSON = "application/json; charset=utf-8"
 OPENAI_TYPES = {
@@ -55,23 +62,28 @@ def json_response(
     return Response(orjson.dumps(content), status_code=status, media_type=JSON, headers=headers)
 
 
+def error_response(path: str, exc: ApiError) -> Response:
+    """``exc`` as the response a client of ``path``'s surface expects."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return _respond(path, exc.status, exc.message, headers)
+
+
 def _respond(
-    request: Request, status: int, message: str, headers: Mapping[str, str] | None = None
+    path: str, status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body = error_body(request.url.path, status, message)
+    body = error_body(path, status, message)
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
 def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return _respond(request, exc.status, exc.message, headers)
+    return error_response(request.url.path, exc)
 
 
 def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-    return _respond(request, exc.status_code, message, exc.headers)
+    return _respond(request.url.path, exc.status_code, message, exc.headers)
 
 
 def _validation_error(request: Request, exc: Exception) -> Response:
@@ -79,13 +91,14 @@ def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first: dict[str, Any] = next(iter(exc.errors()), {})
     where = ".".join(str(part) for part in first.get("loc", ())[1:])
-    return _respond(request, 400, f"invalid value for '{where}': {first.get('msg', 'invalid')}")
+    message = f"invalid value for '{where}': {first.get('msg', 'invalid')}"
+    return _respond(request.url.path, 400, message)
 
 
 def _unexpected_error(request: Request, exc: Exception) -> Response:
     # A bug, not bad input: still an error body the client's parser understands. Starlette
     # re-raises ``exc`` after sending this, so uvicorn logs the traceback.
-    return _respond(request, 500, "internal error")
+    return _respond(request.url.path, 500, "internal error")
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from oshepherd.api.errors import ApiError, json_response
 from oshepherd.api.jobs import Dispatcher, JobStream
-from oshepherd.api.relay import until_disconnect
+from oshepherd.api.relay import WatchedResponse
 from oshepherd.protocol import WorkerEntry
 
 __all__ = ["Answer", "Fanout", "FanoutResponse", "Outcome"]
@@ -179,22 +179,22 @@ class Fanout:
         return orjson.dumps(merged) + b"\n"
 
 
-class FanoutResponse(Response):
+class FanoutResponse(WatchedResponse):
     """The merged answer of a ``Fanout``, shaped as ``answer`` asks."""
 
     def __init__(self, fanout: Fanout, answer: Answer) -> None:
+        super().__init__()
         self._fanout = fanout
         self._answer = answer
-        self.background = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            if await until_disconnect(receive, self._respond(scope, receive, send)):
-                log.info("%s: client went away, cancelling its jobs", self._fanout.action)
-        finally:
-            await self._fanout.close()
+    def __str__(self) -> str:
+        return self._fanout.action
 
-    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def close(self) -> None:
+        """Every sub-job that did not finish is cancelled."""
+        await self._fanout.close()
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
         async for line in self._fanout.lines():
             if self._answer != "stream":

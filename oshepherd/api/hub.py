@@ -46,10 +46,6 @@ class Hub:
     def is_ready(self) -> bool:
         return self._ready.is_set()
 
-    @property
-    def open_jobs(self) -> int:
-        return len(self._queues)
-
     async def wait_ready(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)

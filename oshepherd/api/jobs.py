@@ -52,6 +52,10 @@ LIVENESS_TICK = 1.0
 LOST_AFTER = 3.0
 
 
+def _redis_down(exc: RedisError) -> ApiError:
+    return ApiError(503, f"the gateway cannot reach Redis: {exc}", retry_after=5)
+
+
 class Dispatcher:
     def __init__(self, redis: Redis, hub: Hub, registry: Registry, settings: ApiSettings) -> None:
         self.redis = redis
@@ -87,7 +91,7 @@ class Dispatcher:
         try:
             await self.registry.refresh_if_older(max_age)
         except RedisError as exc:
-            raise ApiError(503, f"the gateway cannot reach Redis: {exc}", retry_after=5) from None
+            raise _redis_down(exc) from None
 
     async def enqueue(self, job: Job, message: bytes) -> None:
         if not self.hub.is_ready:
@@ -97,7 +101,7 @@ class Dispatcher:
                 keys=[job.queue], args=[message, self.settings.max_queue_depth]
             )
         except RedisError as exc:
-            raise ApiError(503, f"the gateway cannot reach Redis: {exc}", retry_after=5) from None
+            raise _redis_down(exc) from None
         if depth == -1:
             raise ApiError(503, BUSY, retry_after=5)
 

@@ -11,39 +11,58 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from oshepherd.api.errors import JSON, ApiError, error_body
+from oshepherd.api.errors import JSON, ApiError, error_body, error_response
 from oshepherd.api.jobs import JobStream
 from oshepherd.protocol import Frame
 
-__all__ = ["RelayResponse", "until_disconnect"]
+__all__ = ["RelayResponse", "WatchedResponse", "until_disconnect"]
 
 log = logging.getLogger(__name__)
 
 
-class RelayResponse(Response):
-    """Status, headers and body all come from the job's frames, not from the constructor."""
+class WatchedResponse(Response):
+    """A response written by ``respond`` while the client stays; ``close`` runs whatever
+    happens, after the work was cancelled if the client hung up."""
 
-    def __init__(self, stream: JobStream, path: str) -> None:
-        self._stream = stream
-        self._path = path
+    def __init__(self) -> None:
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            if await until_disconnect(receive, self._relay(send)):
-                log.info("job %s: client went away", self._stream.job.id)
+            if await until_disconnect(receive, self.respond(scope, receive, send)):
+                log.info("%s: client went away", self)
         finally:
-            await self._stream.close()
+            await self.close()
 
-    async def _relay(self, send: Send) -> None:
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class RelayResponse(WatchedResponse):
+    """Status, headers and body all come from the job's frames, not from the constructor."""
+
+    def __init__(self, stream: JobStream, path: str) -> None:
+        super().__init__()
+        self._stream = stream
+        self._path = path
+
+    def __str__(self) -> str:
+        return f"job {self._stream.job.id}"
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             head = await self._stream.next()
         except ApiError as exc:
-            await self._send_error(send, exc)
+            await error_response(self._path, exc)(scope, receive, send)
             return
         status = int(head.meta.get("status", 200))
         content_type = str(head.meta.get("content_type") or JSON)
@@ -70,17 +89,8 @@ class RelayResponse(Response):
         """A mid-stream failure: a final error line/event in the stream's own format."""
         message = str(frame.meta.get("error", "the job failed"))
         log.warning("job %s: failed mid-stream: %s", self._stream.job.id, message)
-        if sse:
-            return b"data: " + error_body(self._path, 500, message) + b"\n\n"
-        return orjson.dumps({"error": message}) + b"\n"
-
-    async def _send_error(self, send: Send, exc: ApiError) -> None:
-        headers = [(b"content-type", JSON.encode())]
-        if exc.retry_after is not None:
-            headers.append((b"retry-after", str(exc.retry_after).encode()))
-        body = error_body(self._path, exc.status, exc.message)
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        body = error_body(self._path, 500, message)
+        return b"data: " + body + b"\n\n" if sse else body + b"\n"
 
 
 async def until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -> bool:
