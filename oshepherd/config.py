@@ -13,10 +13,11 @@ import socket
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, AliasPath, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "load", "redacted"]
+__all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "env_names", "load", "redacted"]
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 # kombu's Redis visibility timeout: an unacked message is handed out again after it.
@@ -102,6 +103,34 @@ def load(cls: type[S], env_file: Path | None, **overrides: Any) -> S:
     """Settings from ``env_file`` and the environment; non-None ``overrides`` win."""
     given = {key: value for key, value in overrides.items() if value is not None}
     return cls(_env_file=env_file, **given)  # type: ignore[call-arg]
+
+
+def env_names(*models: type[BaseSettings]) -> frozenset[str]:
+    """Every environment variable name that ``models`` read, upper-case (``QUEUE_TIMEOUT``,
+    ``CELERY_BROKER_URL``...); by default those of ``ApiSettings`` and ``WorkerSettings``.
+
+    Derived from the models' fields, so a field added to a model is in it at once. A field
+    is read as ``env_prefix`` + its name, or, when it has a validation alias, by the alias
+    alone (the head of an ``AliasPath``), as pydantic-settings does. Upper-case is the one
+    spelling because the settings ignore case (``case_sensitive=False``).
+    """
+    return frozenset(
+        name.upper()
+        for model in models or (ApiSettings, WorkerSettings)
+        for field_name, field in model.model_fields.items()
+        for name in _field_env_names(model.model_config.get("env_prefix", ""), field_name, field)
+    )
+
+
+def _field_env_names(prefix: str, name: str, field: FieldInfo) -> list[str]:
+    alias = field.validation_alias
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, AliasPath):
+        return [str(alias.path[0])]
+    if isinstance(alias, AliasChoices):
+        return [c if isinstance(c, str) else str(c.path[0]) for c in alias.choices]
+    return [prefix + name]
 
 
 def redacted(url: str) -> str:

@@ -20,6 +20,7 @@ from typing import IO, Any
 import httpx
 import redis
 
+from oshepherd.config import env_names
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import EmbeddedRedis, free_port
 
@@ -96,7 +97,9 @@ class Stack:
             return bool(client.exists(worker_key(worker_id)))
 
     def _env(self, **settings: Any) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not _is_setting(k)}
+        # The caller's own settings must not leak into the stack's processes.
+        settings_names = env_names()
+        env = {k: v for k, v in os.environ.items() if k.upper() not in settings_names}
         env["CELERY_BROKER_URL"] = self.redis_url
         env.update({k.upper(): str(v) for k, v in settings.items()})
         return env
@@ -167,12 +170,3 @@ def _die_with_parent() -> None:
 
 
 PR_SET_PDEATHSIG = 1
-_SETTINGS = {
-    "HOST", "PORT", "CELERY_BROKER_URL", "CELERY_BACKEND_URL", "REDIS_URL", "OLLAMA_BASE_URL",
-    "CONCURRENCY", "WORKER_ID", "LOGLEVEL",
-}  # fmt: skip
-
-
-def _is_setting(name: str) -> bool:
-    """Settings of the caller's own environment must not leak into the stack's processes."""
-    return name.upper() in _SETTINGS

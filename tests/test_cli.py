@@ -13,17 +13,18 @@ import httpx
 import psutil
 import pytest
 
+from oshepherd.config import env_names
 from oshepherd.redis_server import EmbeddedRedis, free_port
 from tests.conftest import tag_names, wait_until
 from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(90)
 
-SETTINGS = {"CELERY_BROKER_URL", "REDIS_URL", "HOST", "PORT", "OLLAMA_BASE_URL", "WORKER_ID"}
-
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    """This environment without any setting of oshepherd's, plus ``extra``."""
+    settings = env_names()
+    env = {k: v for k, v in os.environ.items() if k.upper() not in settings}
     return {**env, **extra}
 
 

@@ -1,0 +1,34 @@
+"""Settings: the environment names derived from the settings models."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import AliasChoices, AliasPath, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from oshepherd.config import ApiSettings, WorkerSettings, env_names
+
+
+def test_every_field_of_the_settings_has_its_environment_name() -> None:
+    fields = {*ApiSettings.model_fields, *WorkerSettings.model_fields}
+    assert env_names() == {name.upper() for name in fields}
+    assert {"QUEUE_TIMEOUT", "STALL_TIMEOUT", "MAX_QUEUE_DEPTH", "CELERY_BROKER_URL"} <= env_names()
+
+
+class Knobs(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="knob_", case_sensitive=False)
+
+    plain: int = 0
+    aliased: int = Field(default=0, validation_alias="other_name")
+    either: int = Field(default=0, validation_alias=AliasChoices("first", AliasPath("second", 0)))
+
+
+def test_names_are_the_ones_pydantic_settings_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = env_names(Knobs)
+    assert names == {"KNOB_PLAIN", "OTHER_NAME", "FIRST", "SECOND"}
+    for name in names - {"SECOND"}:
+        monkeypatch.setenv(name, "7")
+    assert Knobs().model_dump() == {"plain": 7, "aliased": 7, "either": 7}
+    monkeypatch.delenv("FIRST")
+    monkeypatch.setenv("SECOND", "[8]")
+    assert Knobs().either == 8
