@@ -12,7 +12,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import IO, Any, Self
 
 import httpx
@@ -23,7 +22,6 @@ from oshepherd.stack import Component, Stack
 
 __all__ = ["Fleet", "Lab", "raise_open_file_limit"]
 
-ROOT = Path(__file__).resolve().parents[1]
 # Defaults otherwise (what a user runs); only the drains are short, so that a bench stopped
 # by Ctrl-C or an error does not wait on them.
 API_SETTINGS: dict[str, Any] = {"shutdown_grace": 2}
@@ -86,7 +84,8 @@ class Fleet:
         latency: float = 0.0,
         max_parallel: int | None = None,
     ) -> Component:
-        """An Ollama stand-in process (``python -m tests.standin``) serving ``model``."""
+        """An Ollama stand-in process (``python -m oshepherd.testing.standin``) serving
+        ``model``."""
         port = free_port()
         args = [
             "--port",
@@ -103,8 +102,7 @@ class Fleet:
         if max_parallel is not None:
             args += ["--max-parallel", str(max_parallel)]
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.standin", *args],
-            cwd=ROOT,
+            [sys.executable, "-m", "oshepherd.testing.standin", *args],
             stdout=self._log,
             stderr=self._log,
         )

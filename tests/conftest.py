@@ -17,7 +17,7 @@ import redis
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component, Stack
-from tests.standin import StandIn
+from oshepherd.testing.standin import StandIn
 
 # Fast heartbeats so that the tests see fleet changes quickly.
 WORKER_SETTINGS: dict[str, Any] = {"heartbeat_interval": 0.5, "ping_interval": 0.5}

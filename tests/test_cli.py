@@ -15,8 +15,8 @@ import pytest
 
 from oshepherd.config import env_names
 from oshepherd.redis_server import EmbeddedRedis, free_port
+from oshepherd.testing.standin import StandIn
 from tests.conftest import tag_names, wait_until
-from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,8 +17,8 @@ import pytest
 from pydantic import BaseModel
 
 from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.testing.standin import StandIn
 from tests.conftest import Fleet, tag_names, two_hosts, wait_until
-from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.testing.standin import StandIn
 from tests.conftest import Fleet, tag_names, two_hosts, wait_until
-from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(60)
 

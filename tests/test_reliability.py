@@ -16,8 +16,8 @@ import redis
 from oshepherd.protocol import model_queue, worker_key
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component
+from oshepherd.testing.standin import StandIn
 from tests.conftest import Fleet, tag_names, wait_until
-from tests.standin import StandIn
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,10 +18,9 @@ import httpx
 import ollama
 import pytest
 
-from tests.standin import StandIn
+from oshepherd.testing.standin import StandIn
 
 pytestmark = pytest.mark.timeout(30)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -255,12 +254,14 @@ def test_restart_keeps_port(stand: StandIn, client: ollama.Client) -> None:
     assert stand.url == url and client.generate(model="llama3", prompt="hi").done
 
 
-def test_runs_as_a_process() -> None:
+def test_runs_as_a_process_from_any_directory(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "tests.standin", "--port", str(port), "--models", "a,b:7b"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    module = "oshepherd.testing.standin"
+    cmd = [sys.executable, "-m", module, "--port", str(port), "--models", "a,b:7b"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env)
     try:
         deadline = time.monotonic() + 15
         while True:

@@ -1,8 +1,10 @@
-"""An Ollama stand-in: a fake Ollama host for tests and benchmarks.
+"""An Ollama stand-in: a test double of one Ollama host, for the tests and the benchmarks.
 
-It speaks enough of Ollama's HTTP API (native and OpenAI-compatible) that ollama-python works
-against it, has knobs for latency, token pacing and concurrency, injects faults, and counts what
-reached it. ``python -m tests.standin --help`` serves one as a process.
+It follows Ollama's own routes (``server/routes.go``: the native API and the OpenAI-compatible
+layer) closely enough that ollama-python works against it, has knobs for latency, token pacing
+and concurrency, injects faults, and counts what reached it. Ollama itself cannot run where
+the tests do; everything else they use is real. ``StandIn`` serves one on a thread of this
+process; ``python -m oshepherd.testing.standin --help`` serves one as a process of its own.
 """
 
 from __future__ import annotations
@@ -767,7 +769,9 @@ class StandIn:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve one stand-in in the foreground until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(prog="python -m tests.standin", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m oshepherd.testing.standin", description=__doc__
+    )
     parser.add_argument("--port", type=int, default=11434)
     parser.add_argument("--models", default="llama3:latest", help="comma-separated model names")
     parser.add_argument("--latency", type=float, default=0.0)
