@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 import redis
@@ -24,7 +24,43 @@ from oshepherd.config import env_names
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import EmbeddedRedis, free_port
 
-__all__ = ["Component", "Stack"]
+__all__ = ["Component", "Stack", "wait_until"]
+
+T = TypeVar("T")
+# What a component that is still starting, or a Redis coming back, answers: not yet.
+_NOT_YET = (httpx.HTTPError, redis.RedisError, OSError)
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    *,
+    process: subprocess.Popen[bytes] | None = None,
+    interval: float = 0.02,
+) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and
+    return that. httpx, Redis and OS errors it raises count as "not yet".
+
+    Raises ``TimeoutError`` naming ``what`` ("the API to answer") once ``timeout`` seconds
+    have passed, chained to the last error the predicate raised, if any; and
+    ``RuntimeError`` at once if ``process`` (the one being waited for) has exited.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: process {process.pid} exited with {process.returncode}")
+        try:
+            result = predicate()
+        except _NOT_YET as exc:
+            last_error = exc
+        else:
+            if result:
+                return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s") from last_error
+        time.sleep(interval)
 
 
 @dataclass
@@ -114,19 +150,13 @@ class Stack:
         return component
 
     @staticmethod
-    def _wait(component: Component, timeout: float, ready: Any) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not component.alive():
-                raise RuntimeError(f"{component.name} exited with {component.process.returncode}")
-            try:
-                if ready():
-                    return
-            except (httpx.HTTPError, redis.RedisError):
-                pass
-            time.sleep(0.05)
-        component.kill()
-        raise TimeoutError(f"{component.name} was not ready within {timeout}s")
+    def _wait(component: Component, timeout: float, ready: Callable[[], bool]) -> None:
+        """Until ``ready()``; a component not ready in time is killed."""
+        try:
+            wait_until(ready, timeout, f"{component.name} ready", process=component.process)
+        except TimeoutError:
+            component.kill()
+            raise
 
     def wait(self) -> None:
         """Block until Ctrl-C, SIGTERM, or any component exits."""

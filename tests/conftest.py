@@ -4,7 +4,6 @@ Ollama stand-ins (the one test double: an external system we cannot install here
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,26 +15,11 @@ import pytest
 import redis
 
 from oshepherd.redis_server import EmbeddedRedis
-from oshepherd.stack import Component, Stack
+from oshepherd.stack import Component, Stack, wait_until
 from oshepherd.testing.standin import StandIn
 
 # Fast heartbeats so that the tests see fleet changes quickly.
 WORKER_SETTINGS: dict[str, Any] = {"heartbeat_interval": 0.5, "ping_interval": 0.5}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = predicate()
-        except (httpx.HTTPError, OSError):
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.02)
 
 
 def tag_names(url: str) -> set[str]:

@@ -15,8 +15,9 @@ import pytest
 
 from oshepherd.config import env_names
 from oshepherd.redis_server import EmbeddedRedis, free_port
+from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
-from tests.conftest import tag_names, wait_until
+from tests.conftest import tag_names
 
 pytestmark = pytest.mark.timeout(90)
 

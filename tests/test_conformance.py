@@ -17,8 +17,9 @@ import pytest
 from pydantic import BaseModel
 
 from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, tag_names, two_hosts, wait_until
+from tests.conftest import Fleet, tag_names, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

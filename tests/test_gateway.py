@@ -12,7 +12,8 @@ import ollama
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, tag_names, two_hosts, wait_until
+from oshepherd.stack import wait_until
+from tests.conftest import Fleet, tag_names, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,9 @@ import orjson
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, tag_names, two_hosts, wait_until
+from tests.conftest import Fleet, tag_names, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,9 +15,9 @@ import redis
 
 from oshepherd.protocol import model_queue, worker_key
 from oshepherd.redis_server import EmbeddedRedis
-from oshepherd.stack import Component
+from oshepherd.stack import Component, wait_until
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, tag_names, wait_until
+from tests.conftest import Fleet, tag_names
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, new_fleet, wait_until
+from tests.conftest import Fleet, new_fleet
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ import httpx
 import ollama
 import pytest
 
+from oshepherd.redis_server import free_port
+from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
 
 pytestmark = pytest.mark.timeout(30)
@@ -255,22 +256,15 @@ def test_restart_keeps_port(stand: StandIn, client: ollama.Client) -> None:
 
 
 def test_runs_as_a_process_from_any_directory(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     module = "oshepherd.testing.standin"
     cmd = [sys.executable, "-m", module, "--port", str(port), "--models", "a,b:7b"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                tags = httpx.get(f"http://127.0.0.1:{port}/api/tags").json()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
+        tags = wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/api/tags").json(), 15, "tags", process=proc
+        )
         assert [m["name"] for m in tags["models"]] == ["a:latest", "b:7b"]
     finally:
         proc.send_signal(signal.SIGTERM)

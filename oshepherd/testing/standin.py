@@ -30,6 +30,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
+from oshepherd.stack import wait_until
+
 JSON = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -251,18 +253,18 @@ class StandIn:
         """Serve on a daemon thread; return once the port accepts connections."""
         self._sem = None
         self._server = server = uvicorn.Server(self.config())
-        self._thread = threading.Thread(
+        self._thread = thread = threading.Thread(
             target=asyncio.run,
             args=(self._serve(server),),
             name=f"standin-{self.name}",
             daemon=True,
         )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"stand-in {self.name!r} failed to start on port {self.port}")
-            time.sleep(0.005)
+        thread.start()
+        # 5 ms polls: a stand-in starts on nearly every test's path.
+        what = f"stand-in {self.name!r} started"
+        wait_until(lambda: server.started or not thread.is_alive(), 10, what, interval=0.005)
+        if not server.started:
+            raise RuntimeError(f"stand-in {self.name!r} failed to start on port {self.port}")
         self.port = server.servers[0].sockets[0].getsockname()[1]
         return self
 
@@ -323,12 +325,9 @@ class StandIn:
             self.peak_active = self.active
 
     def wait_for(self, predicate: Callable[[StandIn], bool], timeout: float = 5.0) -> None:
-        """Poll `predicate(self)` until true; raise AssertionError after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"stand-in {self.name!r}: condition not met in {timeout}s")
-            time.sleep(0.005)
+        """Poll `predicate(self)` until true; raise TimeoutError after `timeout` seconds."""
+        what = f"a condition on stand-in {self.name!r}"
+        wait_until(lambda: predicate(self), timeout, what, interval=0.005)
 
     def _take(self, queue: list[Any], wanted: bool = True) -> list[Any] | None:
         """Consume one use of an injected fault, if any is pending."""
