@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
-__all__ = ["normalize"]
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["entry_model", "entry_name", "normalize"]
 
 DEFAULT_TAG = "latest"
 
@@ -19,3 +22,17 @@ def normalize(name: str) -> str:
     if ":" not in last_segment:
         name = f"{name}:{DEFAULT_TAG}"
     return name
+
+
+def entry_name(entry: Mapping[str, Any]) -> str:
+    """The name of an Ollama ``/api/tags`` or ``/api/ps`` entry, as the host wrote it.
+
+    Ollama writes both ``name`` and ``model`` (equal); an older or other server may write
+    one of them only.
+    """
+    return str(entry.get("model") or entry.get("name") or "")
+
+
+def entry_model(entry: Mapping[str, Any]) -> str:
+    """The routing key of an ``/api/tags`` or ``/api/ps`` entry (``normalize``d)."""
+    return normalize(entry_name(entry))

@@ -1,7 +1,15 @@
-"""The wire: every Redis key, channel, queue, task and frame, defined once, with no I/O.
+"""The wire: every Redis key, channel, queue, script, task and frame, defined once, with no I/O.
 
-Both the async API and the sync/async worker import this module; no other module spells
-a Redis name. Everything on the wire is JSON (never pickle).
+Both the async API and the worker import this module; no other module spells a Redis name.
+Everything on the wire is JSON (never pickle).
+
+A job's life on the wire::
+
+    API   ENQUEUE_SCRIPT   LPUSH celery_message(job) on its queue (refused when full)
+    worker START_SCRIPT    skip it if cancelled, else PUBLISH Start on job.channel
+    worker                 PUBLISH Head, Data..., End | Error on job.channel
+    API   cancel_key       SET to CANCEL_ALL (or to the first attempt still allowed) and
+                           PUBLISH the job id on CANCEL_CHANNEL
 
 Frames travel on a job's reply channel as ``<json header>\\n<body bytes>``: the header is
 small JSON, the body is Ollama's bytes untouched (complete NDJSON lines or SSE events), so
@@ -11,26 +19,34 @@ relaying them costs no re-encoding.
 from __future__ import annotations
 
 import time
+import typing
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import orjson
 
 __all__ = [
     "CANCEL_ALL",
     "CANCEL_CHANNEL",
+    "ENQUEUE_SCRIPT",
+    "MODEL_CHANGING_PATHS",
+    "START_SCRIPT",
     "TASK_NAME",
     "WORKERS_INDEX",
+    "Data",
+    "End",
+    "Error",
     "Frame",
-    "FrameKind",
+    "Head",
     "Job",
+    "Ping",
     "ProtocolError",
+    "Start",
     "WorkerEntry",
     "cancel_key",
     "celery_message",
     "decode_frame",
-    "encode_frame",
     "job_channel",
     "job_channel_pattern",
     "job_id_from_channel",
@@ -44,15 +60,17 @@ PREFIX = "oshepherd"
 TASK_NAME = "oshepherd.run_job"
 WORKERS_INDEX = f"{PREFIX}:workers"  # zset: worker id -> expiry (epoch s); readers never SCAN
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # one channel; the message is the job id
-
-FrameKind = Literal["start", "head", "data", "end", "error", "ping"]
+# Jobs on these paths change what a host holds: the worker re-registers before it answers,
+# so the API's next look at the registry sees the change.
+MODEL_CHANGING_PATHS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 
 
 class ProtocolError(ValueError):
-    """A frame or job that does not follow the wire format."""
+    """A frame, job or registry entry that does not follow the wire format."""
 
 
 def new_id() -> str:
+    """A random id (32 hex digits) for a job or an API process."""
     return uuid.uuid4().hex
 
 
@@ -70,16 +88,38 @@ def worker_queue(worker_id: str) -> str:
 
 
 def worker_key(worker_id: str) -> str:
-    """Registry entry of one worker (JSON string with a TTL)."""
+    """Registry entry of one worker (``WorkerEntry`` as JSON, with a TTL)."""
     return f"{PREFIX}:worker:{worker_id}"
 
 
 def cancel_key(job_id: str) -> str:
-    """The first attempt of a job still allowed to start (``CANCEL_ALL``: none)."""
+    """The first attempt of a job still allowed to start (``CANCEL_ALL``: none).
+
+    Set by the API when the client leaves or the queue deadline passes (``CANCEL_ALL``),
+    or when it gives up on one attempt and queues the next (that next attempt's number):
+    ``START_SCRIPT`` then refuses the attempts before it, never the re-run.
+    """
     return f"{PREFIX}:cancel:{job_id}"
 
 
 CANCEL_ALL = 1 << 30
+CANCEL_TTL = 3600  # seconds: longer than any job may wait in its queue
+
+# Backpressure and enqueue in one round trip. KEYS: queue. ARGV: message, max depth.
+# Returns the new depth, or -1 when the queue was full and nothing was pushed.
+ENQUEUE_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
+# A worker claims a job: refused (0) when the cancel key forbids this attempt, else the
+# start frame is published (1), in one round trip. KEYS: cancel key. ARGV: reply channel,
+# start frame, attempt.
+START_SCRIPT = """
+local first = redis.call('GET', KEYS[1])
+if first and tonumber(ARGV[3]) < tonumber(first) then return 0 end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
 
 
 def job_channel(api_id: str, job_id: str) -> str:
@@ -88,6 +128,7 @@ def job_channel(api_id: str, job_id: str) -> str:
 
 
 def job_channel_pattern(api_id: str) -> str:
+    """The pattern matching every reply channel of the API process ``api_id``."""
     return f"{PREFIX}:job:{api_id}:*"
 
 
@@ -100,7 +141,8 @@ class Job:
     """One request for one Ollama host: the Celery task's single argument.
 
     ``body`` is the client's JSON text, forwarded to Ollama byte for byte; ``model`` is the
-    normalized name, used for routing only.
+    normalized name, used for routing only (empty for a job aimed at one worker);
+    ``deadline`` is the latest start, in epoch seconds; ``queue`` is where it waits.
     """
 
     id: str
@@ -114,27 +156,21 @@ class Job:
     queue: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "channel": self.channel,
-            "method": self.method,
-            "path": self.path,
-            "body": self.body,
-            "model": self.model,
-            "deadline": self.deadline,
-            "attempt": self.attempt,
-            "queue": self.queue,
-        }
+        return {name: getattr(self, name) for name in _JOB_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Any) -> Job:
+        """Raises ``ProtocolError`` when ``data`` is not a job's fields."""
         try:
             return cls(**data)
         except TypeError as exc:
             raise ProtocolError(f"malformed job: {exc}") from exc
 
-    def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) > self.deadline
+    def expired(self) -> bool:
+        return time.time() > self.deadline
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
 
 
 def celery_message(job: Job) -> bytes:
@@ -182,43 +218,124 @@ def celery_message(job: Job) -> bytes:
     return orjson.dumps(envelope)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Frame:
-    """One message on a job's reply channel.
+    """One message on a job's reply channel; its subclasses are the kinds.
 
-    ``start {worker}`` a worker claimed the job · ``head {status, content_type, last}``
-    Ollama answered (``last``: the body is complete) · ``data`` more complete lines ·
-    ``end`` the response is complete · ``error {status, error, retry}`` the attempt failed ·
-    ``ping`` keep-alive while Ollama is silent. ``seq`` counts from 0 within an attempt.
+    ``seq`` counts from 0 within an ``attempt`` (a gap means lost frames); ``body`` is
+    Ollama's bytes, complete lines or events only. On the wire the header holds ``kind``,
+    ``seq``, ``attempt`` and the kind's own fields, every one always present.
     """
 
-    kind: FrameKind
+    kind: ClassVar[str]
     seq: int
-    attempt: int = 0
+    attempt: int
     body: bytes = b""
-    meta: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        header = {"kind": self.kind, "seq": self.seq, "attempt": self.attempt}
+        for name, _ in _FIELDS[self.kind]:
+            header[name] = getattr(self, name)
+        return orjson.dumps(header) + b"\n" + self.body
 
 
-def encode_frame(frame: Frame) -> bytes:
-    header = {"k": frame.kind, "s": frame.seq, "a": frame.attempt, **frame.meta}
-    return orjson.dumps(header) + b"\n" + frame.body
+@dataclass(slots=True, kw_only=True)
+class Start(Frame):
+    """A worker claimed the job (sent by ``START_SCRIPT``)."""
+
+    kind: ClassVar[str] = "start"
+    worker: str
+
+
+@dataclass(slots=True, kw_only=True)
+class Head(Frame):
+    """Ollama answered: its status and content type, and the first complete lines.
+
+    ``last``: the body is the whole response (no data or end frame follows).
+    """
+
+    kind: ClassVar[str] = "head"
+    status: int
+    content_type: str
+    last: bool
+
+
+@dataclass(slots=True, kw_only=True)
+class Data(Frame):
+    """More complete lines of the response."""
+
+    kind: ClassVar[str] = "data"
+
+
+@dataclass(slots=True, kw_only=True)
+class End(Frame):
+    """The response is complete; ``body`` is its rest."""
+
+    kind: ClassVar[str] = "end"
+
+
+@dataclass(slots=True, kw_only=True)
+class Error(Frame):
+    """The attempt failed: an HTTP ``status`` and a message. ``retry``: the job never
+    reached Ollama, so another worker may run it."""
+
+    kind: ClassVar[str] = "error"
+    status: int
+    error: str
+    retry: bool
+
+
+@dataclass(slots=True, kw_only=True)
+class Ping(Frame):
+    """Keep-alive while Ollama is silent (loading a model, a long prompt)."""
+
+    kind: ClassVar[str] = "ping"
+
+
+KINDS: dict[str, type[Frame]] = {cls.kind: cls for cls in (Start, Head, Data, End, Error, Ping)}
+# Per kind, the header fields beyond kind/seq/attempt and their exact JSON types.
+_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
+    kind: tuple(
+        (f.name, typing.get_type_hints(cls)[f.name])
+        for f in fields(cls)
+        if f.name not in ("seq", "attempt", "body")
+    )
+    for kind, cls in KINDS.items()
+}
 
 
 def decode_frame(raw: bytes) -> Frame:
+    """A frame from the wire, its header checked once: every field present, of its type.
+
+    Raises ``ProtocolError`` for anything else.
+    """
     header_raw, sep, body = raw.partition(b"\n")
     try:
         header = orjson.loads(header_raw)
-        kind, seq, attempt = header.pop("k"), header.pop("s"), header.pop("a")
-    except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-        raise ProtocolError(f"malformed frame: {exc}") from exc
-    if not sep or kind not in ("start", "head", "data", "end", "error", "ping"):
-        raise ProtocolError(f"malformed frame of kind {kind!r}")
-    return Frame(kind=kind, seq=seq, attempt=attempt, body=body, meta=header)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed frame header: {exc}") from exc
+    if not sep or not isinstance(header, dict):
+        raise ProtocolError("malformed frame: no JSON object header")
+    kind = header.get("kind")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"malformed frame: unknown kind {kind!r}")
+    values: dict[str, Any] = {"body": body}
+    for name, expected in (("seq", int), ("attempt", int), *_FIELDS[cls.kind]):
+        value = header.get(name)
+        if type(value) is not expected:  # exact: a bool is no status, an int no flag
+            raise ProtocolError(f"malformed {kind} frame: {name!r} must be {expected.__name__}")
+        values[name] = value
+    return cls(**values)
 
 
 @dataclass(slots=True)
 class WorkerEntry:
-    """A worker's registry entry, rewritten every heartbeat under ``worker_key(id)``."""
+    """A worker's registry entry, rewritten every heartbeat under ``worker_key(id)``.
+
+    ``models`` and ``running`` are the host's ``/api/tags`` and ``/api/ps`` entries as
+    Ollama wrote them; ``started_at`` and ``expires`` are epoch seconds.
+    """
 
     id: str
     hostname: str
@@ -234,12 +351,11 @@ class WorkerEntry:
     expires: float
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
-        )
+        return orjson.dumps({f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerEntry:
+        """Raises ``ProtocolError`` when ``raw`` is not an entry's JSON."""
         try:
             return cls(**orjson.loads(raw))
         except (orjson.JSONDecodeError, TypeError) as exc:

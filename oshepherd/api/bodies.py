@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 
-from oshepherd.api.errors import ApiError
+from oshepherd.api.errors import BadRequest, ContentTooLarge
 
 __all__ = ["Body", "model_name", "read_body", "stream_flag"]
 
@@ -27,29 +27,29 @@ class Body:
 async def read_body(request: Request, limit: int) -> Body:
     raw = await _read_bounded(request, limit)
     if not raw.strip():
-        raise ApiError(400, "missing request body")
+        raise BadRequest("missing request body")
     try:
         text = raw.decode()
         data = orjson.loads(text)
     except UnicodeDecodeError:
-        raise ApiError(400, "invalid request body: not valid UTF-8") from None
+        raise BadRequest("invalid request body: not valid UTF-8") from None
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"invalid JSON: {exc}") from None
+        raise BadRequest(f"invalid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "invalid request body: expected a JSON object")
+        raise BadRequest("invalid request body: expected a JSON object")
     return Body(text, data)
 
 
 async def _read_bounded(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body too large (limit {limit} bytes)")
+        raise ContentTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body too large (limit {limit} bytes)")
+            raise ContentTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -58,11 +58,11 @@ def model_name(data: dict[str, Any], *fields: str) -> str:
     """The model a request names (first of ``fields`` present), checked like Ollama does."""
     value = next((data[f] for f in fields if data.get(f) is not None), None)
     if value is None or value == "":
-        raise ApiError(400, "model is required")
+        raise BadRequest("model is required")
     if not isinstance(value, str):
-        raise ApiError(400, f"invalid model name: expected a string, got {type(value).__name__}")
+        raise BadRequest(f"invalid model name: expected a string, got {type(value).__name__}")
     if len(value) > MAX_MODEL_NAME or not value.isprintable() or value != value.strip():
-        raise ApiError(400, "invalid model name")
+        raise BadRequest("invalid model name")
     return value
 
 
@@ -71,7 +71,7 @@ def stream_flag(data: dict[str, Any], default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ApiError(
-            400, f"invalid value for 'stream': expected a boolean, got {type(value).__name__}"
+        raise BadRequest(
+            f"invalid value for 'stream': expected a boolean, got {type(value).__name__}"
         )
     return value

@@ -1,7 +1,24 @@
 """The gateway's own errors, and the one place they become HTTP responses.
 
-``ApiError`` carries an Ollama status and message. The response shape depends on the
-surface: Ollama's ``{"error": "..."}`` on ``/api``, OpenAI's ``{"error": {...}}`` on ``/v1``.
+Every error the API answers itself is an ``ApiError``, raised anywhere and translated at
+the edge (``install_handlers``, or a response that has already begun) into the shape of
+the route's surface: Ollama's ``{"error": "..."}`` on ``/api``, OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` on ``/v1``. Redis errors are
+translated where they enter (``RedisUnavailable``); a worker's failure arrives as an
+``Error`` frame and leaves as ``JobFailed``.
+
+The tree, with each class's HTTP status (and ``Retry-After`` seconds)::
+
+    ApiError                  any status, any message
+    ├── BadRequest            400  the request itself is wrong
+    ├── ContentTooLarge       413  the body is over MAX_BODY_BYTES
+    ├── ModelNotFound         404  no live worker's host has the model
+    ├── JobFailed             the worker's status (502: its Ollama went away, ...)
+    └── Unavailable           503 (5 s)  try again later
+        ├── RedisUnavailable  the gateway cannot reach Redis
+        ├── NoHealthyWorker   the hosts that have the model (or any) do not answer
+        ├── QueueFull         the model's queue is at its maximum depth
+        └── QueueTimeout      no worker took the job before its deadline
 """
 
 from __future__ import annotations
@@ -16,8 +33,19 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 __all__ = [
+    "JSON",
     "ApiError",
+    "BadRequest",
+    "ContentTooLarge",
+    "JobFailed",
+    "ModelNotFound",
+    "NoHealthyWorker",
+    "QueueFull",
+    "QueueTimeout",
+    "RedisUnavailable",
+    "Unavailable",
     "error_body",
+    "error_line",
     "error_response",
     "install_handlers",
     "is_openai",
@@ -31,10 +59,12 @@ OPENAI_TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
 }
+RETRY_AFTER = 5  # seconds, for every 503 the gateway answers itself
 
 
 class ApiError(Exception):
-    """An error the gateway answers itself, before any byte of a response has left."""
+    """An error the gateway answers itself: an HTTP ``status``, a ``message``, and the
+    ``Retry-After`` seconds to send, if any."""
 
     def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -43,17 +73,77 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+class BadRequest(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+class ContentTooLarge(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large (limit {limit} bytes)")
+
+
+class ModelNotFound(ApiError):
+    def __init__(self, model: str) -> None:
+        super().__init__(404, f"model '{model}' not found")
+
+
+class JobFailed(ApiError):
+    """A worker reported the job failed before any byte of the answer left.
+
+    ``retry``: the job never reached Ollama, so another worker may run it.
+    """
+
+    def __init__(self, status: int, message: str, *, retry: bool = False) -> None:
+        super().__init__(status, message)
+        self.retry = retry
+
+
+class Unavailable(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, retry_after=RETRY_AFTER)
+
+
+class RedisUnavailable(Unavailable):
+    def __init__(self, detail: object = None) -> None:
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"the gateway cannot reach Redis{suffix}")
+
+
+class NoHealthyWorker(Unavailable):
+    def __init__(self, model: str | None = None) -> None:
+        has = f" has model '{model}'" if model else " is available"
+        super().__init__(f"no healthy worker{has}")
+
+
+class QueueFull(Unavailable):
+    def __init__(self) -> None:
+        # Ollama's own words (server/sched.go's ErrMaxQueue), which clients may match.
+        super().__init__("server busy, please try again.  maximum pending requests exceeded")
+
+
+class QueueTimeout(Unavailable):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no worker could take the job within {timeout:g}s")
+
+
 def is_openai(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
 def error_body(path: str, status: int, message: str) -> bytes:
-    """The error object a client of ``path``'s surface expects."""
+    """The error object a client of ``path``'s surface expects, as JSON bytes."""
     if is_openai(path):
         kind = OPENAI_TYPES.get(status, "api_error")
         detail = {"message": message, "type": kind, "param": None, "code": None}
         return orjson.dumps({"error": detail})
     return orjson.dumps({"error": message})
+
+
+def error_line(path: str, message: str, *, sse: bool) -> bytes:
+    """A failure after the answer began: one last NDJSON line, or SSE event, that ends it."""
+    body = error_body(path, 500, message)
+    return b"data: " + body + b"\n\n" if sse else body + b"\n"
 
 
 def json_response(

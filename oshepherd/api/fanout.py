@@ -31,10 +31,11 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from oshepherd.api.errors import ApiError, json_response
-from oshepherd.api.jobs import Dispatcher, JobStream
-from oshepherd.api.relay import WatchedResponse
-from oshepherd.protocol import WorkerEntry
+from oshepherd.api.dispatcher import Dispatcher
+from oshepherd.api.errors import ApiError, error_line, error_response, json_response
+from oshepherd.api.jobstream import JobStream
+from oshepherd.api.watched import WatchedResponse
+from oshepherd.protocol import MODEL_CHANGING_PATHS, Data, End, Head, WorkerEntry
 
 __all__ = ["Answer", "Fanout", "FanoutResponse", "Outcome"]
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 SUCCESS = {"status": "success"}
+SUCCESS_LINE = orjson.dumps(SUCCESS) + b"\n"
 # How the answer is shaped: an NDJSON stream, the final object alone, or an empty 200.
 Answer = Literal["stream", "object", "empty"]
 
@@ -65,13 +67,12 @@ class Fanout:
         targets: Sequence[WorkerEntry],
         *,
         progress: bool,
-        changes_models: bool,
     ) -> None:
         self._d = dispatcher
         self.action = action
         self._workers = [w.id for w in targets]
         self._progress = progress  # success is a "success" line, not merely a 2xx
-        self._changes_models = changes_models
+        self._changes_models = False
         self._events: asyncio.Queue[Outcome | tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._streams: list[JobStream] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,6 +82,7 @@ class Fanout:
 
     async def start(self, method: str, path: str, body: str) -> None:
         """Queue the request for every target; a target that cannot take it has failed."""
+        self._changes_models = path in MODEL_CHANGING_PATHS
         for worker in self._workers:
             try:
                 stream = await self._d.submit_to(worker, method, path, body)
@@ -139,8 +141,9 @@ class Fanout:
 
     async def _read(self, worker: str, stream: JobStream) -> Outcome:
         """Pass the worker's progress lines on; its ``success`` or error decides the outcome."""
-        frame = await stream.next()
-        status = int(frame.meta.get("status", 200))
+        head = await stream.head()
+        status = head.status
+        frame: Head | Data | End = head
         succeeded = status < 400 and not self._progress
         while True:
             for line in _lines(frame.body):
@@ -150,10 +153,7 @@ class Fanout:
                     succeeded = True
                 else:
                     self._events.put_nowait((worker, line))
-            if frame.kind == "error":
-                meta = frame.meta
-                return Outcome(worker, int(meta.get("status", 502)), str(meta.get("error")))
-            if frame.kind == "end" or frame.meta.get("last"):
+            if isinstance(frame, End) or (isinstance(frame, Head) and frame.last):
                 break
             frame = await stream.next()
         if status >= 400:
@@ -182,8 +182,8 @@ class Fanout:
 class FanoutResponse(WatchedResponse):
     """The merged answer of a ``Fanout``, shaped as ``answer`` asks."""
 
-    def __init__(self, fanout: Fanout, answer: Answer) -> None:
-        super().__init__()
+    def __init__(self, fanout: Fanout, answer: Answer, path: str) -> None:
+        super().__init__(path)
         self._fanout = fanout
         self._answer = answer
 
@@ -206,17 +206,17 @@ class FanoutResponse(WatchedResponse):
             await send({"type": "http.response.body", "body": line, "more_body": True})
         failure = await self._fanout.failure()
         if started:
-            last = {"error": failure.message} if failure else SUCCESS
-            await send({"type": "http.response.body", "body": orjson.dumps(last) + b"\n"})
+            last = error_line(self.path, failure.message, sse=False) if failure else SUCCESS_LINE
+            await send({"type": "http.response.body", "body": last})
             return
         await self._final(failure)(scope, receive, send)
 
     def _final(self, failure: ApiError | None) -> Response:
         """The whole answer when no progress line was sent."""
         if failure is not None:
-            return json_response({"error": failure.message}, failure.status)
+            return error_response(self.path, failure)
         if self._answer == "stream":
-            return Response(orjson.dumps(SUCCESS) + b"\n", media_type=NDJSON)
+            return Response(SUCCESS_LINE, media_type=NDJSON)
         if self._answer == "object":
             return json_response(SUCCESS)
         return Response(status_code=200)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from redis.asyncio import Redis
 
-from oshepherd.api.hub import Hub
-from oshepherd.api.jobs import Dispatcher
+from oshepherd.api.dispatcher import Dispatcher
+from oshepherd.api.inbox import Inboxes
 from oshepherd.api.registry import Registry
 from oshepherd.config import ApiSettings, redacted
 from oshepherd.connections import async_redis
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Gateway:
     settings: ApiSettings
     redis: Redis
-    hub: Hub
+    inboxes: Inboxes
     registry: Registry
     dispatcher: Dispatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -33,16 +33,17 @@ class Gateway:
     @classmethod
     def build(cls, settings: ApiSettings) -> Gateway:
         redis = async_redis(settings.redis, socket_connect_timeout=1, socket_timeout=5)
-        hub = Hub(redis, api_id=new_id()[:12])
+        inboxes = Inboxes(redis, api_id=new_id()[:12])
         registry = Registry(redis, refresh=settings.registry_refresh)
-        return cls(settings, redis, hub, registry, Dispatcher(redis, hub, registry, settings))
+        dispatcher = Dispatcher(redis, inboxes, registry, settings)
+        return cls(settings, redis, inboxes, registry, dispatcher)
 
     async def start(self) -> None:
         self.tasks = [
-            asyncio.create_task(self.hub.run_forever()),
+            asyncio.create_task(self.inboxes.run_forever()),
             asyncio.create_task(self.registry.run_forever()),
         ]
-        if not await self.hub.wait_ready(timeout=10):
+        if not await self.inboxes.wait_ready(timeout=10):
             log.warning(
                 "Redis at %s is not answering yet; will keep trying", redacted(self.settings.redis)
             )
@@ -55,4 +56,5 @@ class Gateway:
 
 
 def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    gw: Gateway = request.app.state.gateway
+    return gw

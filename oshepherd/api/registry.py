@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from oshepherd.models import normalize
+from oshepherd.models import entry_model
 from oshepherd.protocol import WORKERS_INDEX, ProtocolError, WorkerEntry, worker_key
 
 __all__ = ["Registry"]
 
 log = logging.getLogger(__name__)
-
-
-def _model_names(entries: Iterable[dict[str, object]]) -> set[str]:
-    return {normalize(str(m.get("model") or m.get("name") or "")) for m in entries}
 
 
 class Registry:
@@ -67,7 +62,7 @@ class Registry:
     def _install(self, workers: dict[str, WorkerEntry]) -> None:
         holders: dict[str, list[WorkerEntry]] = {}
         for entry in workers.values():
-            for name in _model_names(entry.models):
+            for name in {entry_model(m) for m in entry.models}:
                 holders.setdefault(name, []).append(entry)
         self.workers = workers
         self._holders = holders

@@ -18,13 +18,17 @@ from typing import Any
 
 import orjson
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from oshepherd.api.errors import JSON, ApiError, json_response
+from oshepherd.api.dispatcher import Dispatcher
+from oshepherd.api.errors import JSON, JobFailed, json_response
 from oshepherd.api.gateway import gateway
-from oshepherd.api.jobs import Dispatcher, JobStream
-from oshepherd.api.relay import until_disconnect
+from oshepherd.api.jobstream import JobStream
+from oshepherd.api.watched import until_disconnect
+from oshepherd.connections import raise_if_cancelling
 from oshepherd.models import normalize
+from oshepherd.protocol import End
 
 __all__ = ["Reply", "applies", "collect", "scatter"]
 
@@ -61,15 +65,13 @@ async def collect(stream: JobStream) -> Reply:
 
     Raises ``ApiError`` when the job fails, before its head or after it.
     """
-    head = await stream.next()
+    head = await stream.head()
     chunks = [head.body]
-    while not stream.finished:
-        frame = await stream.next()
-        if frame.kind == "error":
-            raise ApiError(int(frame.meta.get("status", 502)), str(frame.meta.get("error")))
+    if not head.last:
+        while not isinstance(frame := await stream.next(), End):
+            chunks.append(frame.body)
         chunks.append(frame.body)
-    content_type = str(head.meta.get("content_type") or JSON)
-    return Reply(int(head.meta.get("status", 200)), content_type, b"".join(chunks))
+    return Reply(head.status, head.content_type or JSON, b"".join(chunks))
 
 
 def _merge_ollama(parts: list[Part], took_ns: int) -> Part:
@@ -132,27 +134,15 @@ async def scatter(request: Request, path: str, data: dict[str, Any], model: str)
     # clients keep their place in the queue, and no batch waits out its queue deadline.
     slots = sum(w.slots for w in gw.registry.healthy_holders(normalize(model)))
     started = time.perf_counter_ns()
-    gathering = asyncio.create_task(
-        _gather(gw.dispatcher, path, bodies, model, asyncio.Semaphore(max(1, slots)))
-    )
-    if await until_disconnect(request.receive, _join(gathering)):
+    gathering = _gather(gw.dispatcher, path, bodies, model, asyncio.Semaphore(max(1, slots)))
+    try:
+        parts = await until_disconnect(request.receive, gathering)
+    except ClientDisconnect:
         log.info("embed scatter of %d batches for %s: client went away", len(bodies), model)
         return Response(status_code=CLIENT_CLOSED)
-    try:
-        parts = gathering.result()
     except BatchFailed as failed:
         return failed.reply.response()
     return json_response(MERGERS[path](parts, time.perf_counter_ns() - started))
-
-
-def _cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def _join(task: asyncio.Task[Any]) -> None:
-    """Wait for ``task``; cancelling the wait cancels the task."""
-    await task
 
 
 async def _gather(
@@ -173,10 +163,7 @@ async def _batch(
     async with window:
         stream = await dispatcher.submit("POST", path, body, model)
         try:
-            # redis-py (8.1) can lose a cancellation that lands during a command (seen as it
-            # connects): a batch the group has cancelled must not go on to wait for its answer.
-            if _cancelled():
-                raise asyncio.CancelledError
+            raise_if_cancelling()  # a batch the group has cancelled must not wait on
             reply = await collect(stream)
         finally:
             await stream.close()
@@ -187,5 +174,5 @@ async def _batch(
     except orjson.JSONDecodeError:
         part = None
     if not isinstance(part, dict):
-        raise ApiError(502, f"job {stream.job.id}: the worker's answer is not a JSON object")
+        raise JobFailed(502, f"job {stream.job.id}: the worker's answer is not a JSON object")
     return part

@@ -1,4 +1,4 @@
-"""Running one job: claim it, forward it to Ollama, stream Ollama's bytes back."""
+"""Running one job: claim it, forward it to Ollama, stream Ollama's bytes to the outbox."""
 
 from __future__ import annotations
 
@@ -9,24 +9,14 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from oshepherd.protocol import Frame, Job, cancel_key, encode_frame
-from oshepherd.worker.ollama import TRANSPORT_ERRORS, OllamaHost
+from oshepherd.connections import raise_if_cancelling
+from oshepherd.protocol import MODEL_CHANGING_PATHS, START_SCRIPT, Job, Start, cancel_key
+from oshepherd.worker.ollama import OllamaHost, OllamaStreamBroke, OllamaUnreachable
 from oshepherd.worker.outbox import Outbox
 
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
-
-# Skip a cancelled job (or an attempt the API has given up on), else tell the API who took
-# it: one round trip. KEYS: cancel. ARGV: channel, start frame, attempt.
-START_SCRIPT = """
-local first = redis.call('GET', KEYS[1])
-if first and tonumber(ARGV[3]) < tonumber(first) then return 0 end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return 1
-"""
-# Requests that change what the host holds: the registry must know before the client does.
-MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
 
 
 class JobRunner:
@@ -61,9 +51,7 @@ class JobRunner:
         self.in_flight[job.id] = task
         try:
             if await self._claim(job):
-                # redis-py (8.1) can lose a cancel that lands while a command runs.
-                if task.cancelling():
-                    raise asyncio.CancelledError
+                raise_if_cancelling()
                 await self._forward(job)
         except asyncio.CancelledError:
             log.info("job %s: cancelled by its client", job.id)
@@ -74,7 +62,7 @@ class JobRunner:
             del self.in_flight[job.id]
 
     async def _claim(self, job: Job) -> bool:
-        start = encode_frame(Frame("start", 0, job.attempt, meta={"worker": self._worker_id}))
+        start = Start(seq=0, attempt=job.attempt, worker=self._worker_id).encode()
         args: list[str | bytes | int] = [job.channel, start, job.attempt]
         if not await self._start(keys=[cancel_key(job.id)], args=args):
             log.info("job %s: cancelled, skipped", job.id)
@@ -88,33 +76,30 @@ class JobRunner:
         return task is not None
 
     async def _forward(self, job: Job) -> None:
-        outbox = Outbox(self._redis, job.channel, job.attempt, ping_interval=self._ping_interval)
+        outbox = Outbox(
+            self._redis.publish, job.channel, job.attempt, ping_interval=self._ping_interval
+        )
         pump = asyncio.create_task(outbox.pump())
         try:
-            await self._read(job, outbox)
+            await self._relay(job, outbox)
             await pump
         finally:
             pump.cancel()
 
-    async def _read(self, job: Job, outbox: Outbox) -> None:
-        request = self._host.request(job.method, job.path, job.body)
+    async def _relay(self, job: Job, outbox: Outbox) -> None:
         try:
-            response = await request.__aenter__()
-        except TRANSPORT_ERRORS as exc:
+            async with self._host.send(job.method, job.path, job.body) as response:
+                outbox.start(response.status, response.content_type)
+                async for chunk in response.chunks():
+                    outbox.write(chunk)
+                if job.path in MODEL_CHANGING_PATHS:
+                    await self._on_models_changed()
+                outbox.finish()
+        except OllamaUnreachable as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
-            log.warning("job %s: %s: %r", job.id, message, exc)
+            log.warning("job %s: %s: %s", job.id, message, exc)
             await self._on_unreachable(message)
             outbox.fail(502, message, retry=True)
-            return
-        try:
-            outbox.start(response.status, response.headers.get("Content-Type", ""))
-            async for chunk in response.content.iter_any():
-                outbox.write(chunk)
-            if job.path in MANAGEMENT_PATHS:
-                await self._on_models_changed()
-            outbox.finish()
-        except TRANSPORT_ERRORS as exc:
-            log.warning("job %s: Ollama stream broke: %r", job.id, exc)
-            outbox.fail(502, f"worker {self._worker_id}: Ollama stream broke: {exc!r}")
-        finally:
-            response.release()
+        except OllamaStreamBroke as exc:
+            log.warning("job %s: %s", job.id, exc)
+            outbox.fail(502, f"worker {self._worker_id}: {exc}")

@@ -3,29 +3,55 @@
 aiohttp rather than httpx on this hop: it costs about half as much per request, and
 ``iter_any`` hands over everything Ollama has written so far in one piece, which is the
 coalescing the relay wants.
+
+aiohttp's, the OS's and timeout errors are translated here, once, into two::
+
+    OllamaError
+    ├── OllamaUnreachable   no answer: refused, reset or timed out before the status line
+    └── OllamaStreamBroke   the answer began, then broke off
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-__all__ = ["TRANSPORT_ERRORS", "HostState", "OllamaHost", "OllamaUnreachable"]
+__all__ = [
+    "HostState",
+    "OllamaError",
+    "OllamaHost",
+    "OllamaResponse",
+    "OllamaStreamBroke",
+    "OllamaUnreachable",
+]
 
-# What "Ollama did not answer, or broke off" looks like on this hop.
-TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+POLL_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+# What "Ollama did not answer, or broke off" looks like on this hop (TimeoutError is an
+# OSError).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 
 
-class OllamaUnreachable(Exception):
+class OllamaError(Exception):
+    """The local Ollama failed us; the message says how."""
+
+
+class OllamaUnreachable(OllamaError):
     """The local Ollama did not answer (refused, timed out, reset)."""
+
+
+class OllamaStreamBroke(OllamaError):
+    """The local Ollama's answer broke off after it began."""
 
 
 @dataclass(slots=True)
 class HostState:
-    """What the last poll of the host saw."""
+    """What the last poll of the host saw: its ``/api/version``, ``/api/tags`` entries
+    and ``/api/ps`` entries, or the error that kept it from answering."""
 
     healthy: bool = False
     version: str = ""
@@ -34,12 +60,30 @@ class HostState:
     error: str = ""
 
 
+class OllamaResponse:
+    """Ollama's status line and headers; its body is read with ``chunks``."""
+
+    __slots__ = ("_response", "content_type", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.content_type = response.headers.get("Content-Type", "")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as Ollama writes it; raises ``OllamaStreamBroke``."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except _TRANSPORT_ERRORS as exc:
+            raise OllamaStreamBroke(f"Ollama stream broke: {exc!r}") from exc
+
+
 class OllamaHost:
     """One keep-alive connection pool to one Ollama, shared by every job of the worker."""
 
-    def __init__(self, base_url: str, *, poll_timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self._poll_timeout = aiohttp.ClientTimeout(total=poll_timeout)
         # Generation can be silent for minutes (model loading): no read timeout on jobs.
         # No decompression: the bytes relayed are the bytes Ollama wrote.
         self.session = aiohttp.ClientSession(
@@ -69,17 +113,31 @@ class OllamaHost:
 
     async def _get_json(self, path: str) -> dict[str, Any]:
         try:
-            async with self.session.get(path, timeout=self._poll_timeout) as response:
+            async with self.session.get(path, timeout=POLL_TIMEOUT) as response:
                 response.raise_for_status()
                 data = await response.json(content_type=None)
-        except (*TRANSPORT_ERRORS, ValueError) as exc:
+        except (*_TRANSPORT_ERRORS, ValueError) as exc:
             raise OllamaUnreachable(f"GET {path}: {exc!r}") from exc
         return data if isinstance(data, dict) else {}
 
-    def request(self, method: str, path: str, body: str) -> aiohttp.client._RequestContextManager:
-        """Forward a job's request; the caller reads the response as a stream."""
+    @asynccontextmanager
+    async def send(self, method: str, path: str, body: str) -> AsyncIterator[OllamaResponse]:
+        """Forward a job's request (``body``: JSON text, or empty) and hold its response.
+
+        Raises ``OllamaUnreachable`` when Ollama does not answer; the body's chunks raise
+        ``OllamaStreamBroke``. The connection goes back to the pool on exit.
+        """
         headers = {"Content-Type": "application/json"} if body else {}
-        return self.session.request(method, path, data=body.encode() or None, headers=headers)
+        try:
+            response = await self.session.request(
+                method, path, data=body.encode() or None, headers=headers
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise OllamaUnreachable(f"{method} {path}: {exc!r}") from exc
+        try:
+            yield OllamaResponse(response)
+        finally:
+            response.release()
 
     async def aclose(self) -> None:
         await self.session.close()

@@ -4,37 +4,41 @@ The reader (the Ollama response) only appends bytes; a single pump coroutine pub
 While a publish is in flight, more lines pile up and leave in the next frame, so a fast
 stream costs few Redis round trips and a slow one adds no latency. Only complete lines
 (NDJSON) or events (SSE) leave; a gap-free ``seq`` lets the API prove nothing was lost.
+This is the worker's end of the API's ``Inbox``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
-from redis.asyncio import Redis
+from oshepherd.protocol import Data, End, Error, Frame, Head, Ping
 
-from oshepherd.protocol import Frame, FrameKind, encode_frame
+__all__ = ["Outbox", "Publish"]
 
-__all__ = ["Outbox"]
-
-log = logging.getLogger(__name__)
+# Redis's PUBLISH: (channel, message) -> the number of receivers.
+Publish = Callable[[str, bytes], Awaitable[Any]]
 
 
 class Outbox:
+    """The frames of one attempt of one job, published on ``channel`` after its ``Start``
+    (``seq`` 0, sent by the start script)."""
+
     def __init__(
-        self, redis: Redis, channel: str, attempt: int, *, ping_interval: float, first_seq: int = 1
+        self, publish: Publish, channel: str, attempt: int, *, ping_interval: float
     ) -> None:
-        self._redis = redis
+        self._publish_raw = publish
         self._channel = channel
         self._attempt = attempt
         self._ping_interval = ping_interval
-        self._seq = first_seq
+        self._seq = 1
         self._buffer = bytearray()
         self._separator = b"\n"
-        self._head: dict[str, Any] | None = None  # set by start(), cleared once published
+        self._answer: tuple[int, str] | None = None  # Ollama's status and content type
         self._head_sent = False
-        self._final: Frame | None = None
+        self._final: End | Error | None = None
         self._wake = asyncio.Event()
 
     # -- the reader's side: synchronous, never waits on Redis --------------------------
@@ -42,7 +46,7 @@ class Outbox:
         """Ollama answered: the head leaves with the first complete line."""
         if content_type.startswith("text/event-stream"):
             self._separator = b"\n\n"
-        self._head = {"status": status, "content_type": content_type}
+        self._answer = (status, content_type)
 
     def write(self, chunk: bytes) -> None:
         self._buffer += chunk
@@ -50,10 +54,12 @@ class Outbox:
 
     def finish(self) -> None:
         """Ollama's response is complete: flush everything, including a partial last line."""
-        self._close("end")
+        self._close(End(seq=0, attempt=self._attempt))
 
     def fail(self, status: int, error: str, *, retry: bool = False) -> None:
-        self._close("error", {"status": status, "error": error, "retry": retry})
+        """The attempt failed (``retry``: before it reached Ollama): after the complete
+        lines already written, an ``Error`` ends it."""
+        self._close(Error(seq=0, attempt=self._attempt, status=status, error=error, retry=retry))
 
     # -- the pump ---------------------------------------------------------------------
     async def pump(self) -> None:
@@ -64,37 +70,40 @@ class Outbox:
                 async with asyncio.timeout(self._ping_interval):
                     await self._wake.wait()
             except TimeoutError:
-                await self._publish("ping")
+                await self._publish(Ping(seq=self._seq, attempt=self._attempt))
                 continue
             self._wake.clear()
             if self._final is not None:
-                await self._flush_final()
+                await self._flush_final(self._final)
                 return
             body = self._take_complete()
             if body:
                 await self._publish_body(body, last=False)
 
-    def _close(self, kind: FrameKind, meta: dict[str, Any] | None = None) -> None:
-        self._final = Frame(kind, 0, self._attempt, meta=meta or {})
+    def _close(self, final: End | Error) -> None:
+        self._final = final
         self._wake.set()
 
-    async def _flush_final(self) -> None:
-        assert self._final is not None
-        if self._final.kind == "end":
+    async def _flush_final(self, final: End | Error) -> None:
+        if isinstance(final, End):
             body, self._buffer = bytes(self._buffer), bytearray()
             await self._publish_body(body, last=True)
             return
         body = self._take_complete()
         if body and self._head_sent:
-            await self._publish("data", body)
-        await self._publish("error", meta=self._final.meta)
+            await self._publish(Data(seq=self._seq, attempt=self._attempt, body=body))
+        await self._publish(replace(final, seq=self._seq))
 
     async def _publish_body(self, body: bytes, *, last: bool) -> None:
-        if not self._head_sent and self._head is not None:
+        seq, attempt = self._seq, self._attempt
+        if self._head_sent:
+            kind = End if last else Data
+            await self._publish(kind(seq=seq, attempt=attempt, body=body))
+        elif self._answer is not None:
             self._head_sent = True
-            await self._publish("head", body, {**self._head, "last": last})
-        elif self._head_sent:
-            await self._publish("end" if last else "data", body)
+            status, content_type = self._answer
+            await self._publish(Head(seq=seq, attempt=attempt, body=body, status=status,
+                                     content_type=content_type, last=last))  # fmt: skip
 
     def _take_complete(self) -> bytes:
         cut = self._buffer.rfind(self._separator)
@@ -105,9 +114,6 @@ class Outbox:
         del self._buffer[:cut]
         return body
 
-    async def _publish(
-        self, kind: FrameKind, body: bytes = b"", meta: dict[str, Any] | None = None
-    ) -> None:
-        frame = Frame(kind, self._seq, self._attempt, body, meta or {})
+    async def _publish(self, frame: Frame) -> None:
         self._seq += 1
-        await self._redis.publish(self._channel, encode_frame(frame))
+        await self._publish_raw(self._channel, frame.encode())

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from oshepherd.config import WorkerSettings
 from oshepherd.connections import async_redis
-from oshepherd.models import normalize
+from oshepherd.models import entry_model
 from oshepherd.protocol import (
     CANCEL_CHANNEL,
     WORKERS_INDEX,
@@ -152,8 +152,8 @@ class WorkerRuntime:
             )
         self._state = state
         if not self._draining:
-            names = {normalize(str(m.get("model") or m.get("name") or "")) for m in state.models}
-            self.model_queues = frozenset(model_queue(n) for n in names if state.healthy)
+            names = {entry_model(m) for m in state.models} if state.healthy else set()
+            self.model_queues = frozenset(model_queue(n) for n in names)
 
     async def _mark_unreachable(self, message: str) -> None:
         """A job could not reach Ollama: stop taking jobs until the next poll succeeds.

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from oshepherd.api.bodies import model_name, read_body, stream_flag
-from oshepherd.api.errors import ApiError
+from oshepherd.api.errors import ApiError, BadRequest, ModelNotFound, NoHealthyWorker
 from oshepherd.api.fanout import Answer, Fanout, FanoutResponse
 from oshepherd.api.gateway import Gateway, gateway
 from oshepherd.api.routes.ollama import route
@@ -57,7 +57,7 @@ async def copy(request: Request) -> Response:
     gw = gateway(request)
     body = await read_body(request, gw.settings.max_body_bytes)
     if not body.data.get("source") or not body.data.get("destination"):
-        raise ApiError(400, "source and destination are required")
+        raise BadRequest("source and destination are required")
     source = model_name(body.data, "source")
     model_name(body.data, "destination")
     targets = await _targets(request, gw, lambda: _holders(gw, source))
@@ -79,7 +79,7 @@ async def blob_check(request: Request, digest: str) -> Response:
     """200 when every healthy worker's host (or every chosen one) has the blob, else 404."""
     gw = gateway(request)
     if not DIGEST.fullmatch(digest):
-        raise ApiError(400, "invalid digest format")
+        raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))
     return await _run(gw, "blob check", "HEAD", f"/api/blobs/{digest}", "", targets, "empty")
 
@@ -97,9 +97,9 @@ async def blob_upload(request: Request, digest: str) -> Response:
     """
     gw = gateway(request)
     if not DIGEST.fullmatch(digest):
-        raise ApiError(400, "invalid digest format")
+        raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))
-    fanout = Fanout(gw.dispatcher, "blob check", targets, progress=False, changes_models=False)
+    fanout = Fanout(gw.dispatcher, "blob check", targets, progress=False)
     await fanout.start("HEAD", f"/api/blobs/{digest}", "")
     try:
         async for _ in fanout.lines():
@@ -134,11 +134,9 @@ async def _run(
     targets: list[WorkerEntry],
     answer: Answer,
 ) -> FanoutResponse:
-    changes = action in ("pull", "create", "copy", "delete")
-    progress = answer != "empty"
-    fanout = Fanout(gw.dispatcher, action, targets, progress=progress, changes_models=changes)
+    fanout = Fanout(gw.dispatcher, action, targets, progress=answer != "empty")
     await fanout.start(method, path, body)
-    return FanoutResponse(fanout, answer)
+    return FanoutResponse(fanout, answer, path)
 
 
 async def _targets(request: Request, gw: Gateway, default: Targets) -> list[WorkerEntry]:
@@ -151,13 +149,13 @@ async def _targets(request: Request, gw: Gateway, default: Targets) -> list[Work
         return default()
     names = [name.strip() for name in named.split(",") if name.strip()]
     if not names:
-        raise ApiError(400, f"{WORKERS_HEADER} names no worker")
+        raise BadRequest(f"{WORKERS_HEADER} names no worker")
     live = [w for w in gw.registry.workers.values() if gw.registry.alive(w.id)]
     chosen: dict[str, WorkerEntry] = {}
     for name in names:
         found = [w for w in live if name in (w.id, w.hostname)]
         if not found:
-            raise ApiError(400, f"unknown worker '{name}'")
+            raise BadRequest(f"unknown worker '{name}'")
         chosen.update((w.id, w) for w in found)
     return sorted(chosen.values(), key=lambda w: w.id)
 
@@ -165,12 +163,12 @@ async def _targets(request: Request, gw: Gateway, default: Targets) -> list[Work
 def _healthy(gw: Gateway) -> list[WorkerEntry]:
     workers = gw.registry.healthy()
     if not workers:
-        raise ApiError(503, "no healthy worker is available", retry_after=5)
+        raise NoHealthyWorker()
     return workers
 
 
 def _holders(gw: Gateway, model: str) -> list[WorkerEntry]:
     workers = sorted(gw.registry.holders(normalize(model)), key=lambda w: w.id)
     if not workers:
-        raise ApiError(404, f"model '{model}' not found")
+        raise ModelNotFound(model)
     return workers

@@ -10,10 +10,10 @@ from starlette.responses import PlainTextResponse, Response
 
 from oshepherd.api import scatter
 from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
-from oshepherd.api.errors import ApiError, json_response
+from oshepherd.api.errors import BadRequest, json_response
 from oshepherd.api.gateway import gateway
 from oshepherd.api.relay import RelayResponse
-from oshepherd.models import normalize
+from oshepherd.models import entry_model
 from oshepherd.protocol import WorkerEntry
 
 __all__ = ["router"]
@@ -66,7 +66,7 @@ def _check_messages(data: dict[str, Any]) -> None:
     if messages is None:
         return
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "invalid value for 'messages': expected a list of message objects")
+        raise BadRequest("invalid value for 'messages': expected a list of message objects")
 
 
 def _check_input(data: dict[str, Any]) -> None:
@@ -74,7 +74,7 @@ def _check_input(data: dict[str, Any]) -> None:
     if value is None or isinstance(value, str):
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ApiError(400, "invalid value for 'input': expected a string or a list of strings")
+        raise BadRequest("invalid value for 'input': expected a string or a list of strings")
 
 
 @route("/api/generate", ["POST"])
@@ -133,7 +133,7 @@ def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
     by_name: dict[str, dict[str, Any]] = {}
     for worker in workers:
         for entry in getattr(worker, field):
-            key = normalize(str(entry.get("model") or entry.get("name") or ""))
+            key = entry_model(entry)
             merged_entry = by_name.setdefault(key, {**entry, "workers": []})
             merged_entry["workers"].append(worker.id)
     return list(by_name.values())

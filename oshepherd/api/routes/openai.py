@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from oshepherd.api.errors import ApiError, json_response
+from oshepherd.api.errors import ModelNotFound, json_response
 from oshepherd.api.routes.ollama import forward, healthy_workers, merged
-from oshepherd.models import normalize
+from oshepherd.models import entry_model, entry_name, normalize
 
 __all__ = ["router"]
 
@@ -42,7 +42,7 @@ async def embeddings(request: Request) -> Response:
 @router.get("/models", response_model=None)
 async def list_models(request: Request) -> Response:
     entries = merged(healthy_workers(request), "models")
-    return json_response({"object": "list", "data": [_model(_name(e), e) for e in entries]})
+    return json_response({"object": "list", "data": [_model(entry_name(e), e) for e in entries]})
 
 
 @router.get("/models/{model:path}", response_model=None)
@@ -50,13 +50,9 @@ async def retrieve_model(request: Request, model: str) -> Response:
     """One model, ``id`` echoed as asked (names hold ':' and '/', hence the path converter)."""
     wanted = normalize(model)
     for entry in merged(healthy_workers(request), "models"):
-        if normalize(_name(entry)) == wanted:
+        if entry_model(entry) == wanted:
             return json_response(_model(model, entry))
-    raise ApiError(404, f"model '{model}' not found")
-
-
-def _name(entry: dict[str, Any]) -> str:
-    return str(entry.get("name") or entry.get("model") or "")
+    raise ModelNotFound(model)
 
 
 def _model(model_id: str, entry: dict[str, Any]) -> dict[str, Any]:

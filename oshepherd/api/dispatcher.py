@@ -1,0 +1,153 @@
+"""Routing: which queue a request waits on, and whether a failed job runs again.
+
+``Dispatcher.submit`` finds the model in the registry, queues the job (one Lua call that
+also enforces the queue's depth) and hands back the ``JobStream`` that follows it. The
+stream calls back here to cancel the job and to ask for a re-run: a job whose worker died
+before the client got a byte runs once more, on another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from oshepherd.api.errors import (
+    ModelNotFound,
+    NoHealthyWorker,
+    QueueFull,
+    RedisUnavailable,
+)
+from oshepherd.api.inbox import Inboxes
+from oshepherd.api.jobstream import JobStream, Liveness
+from oshepherd.api.registry import Registry
+from oshepherd.config import ApiSettings
+from oshepherd.models import normalize
+from oshepherd.protocol import (
+    CANCEL_ALL,
+    CANCEL_CHANNEL,
+    CANCEL_TTL,
+    ENQUEUE_SCRIPT,
+    Job,
+    cancel_key,
+    celery_message,
+    model_queue,
+    new_id,
+    worker_queue,
+)
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self, redis: Redis, inboxes: Inboxes, registry: Registry, settings: ApiSettings
+    ) -> None:
+        self._redis = redis
+        self._inboxes = inboxes
+        self._registry = registry
+        self._queue_timeout = settings.queue_timeout
+        self._max_queue_depth = settings.max_queue_depth
+        self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
+        self._liveness = Liveness(
+            alive=registry.alive,
+            queued=self._queued,
+            queue_timeout=settings.queue_timeout,
+            stall_timeout=settings.stall_timeout,
+        )
+
+    async def submit(self, method: str, path: str, body: str, model: str) -> JobStream:
+        """Queue a job for a worker holding ``model`` (as the client wrote it).
+
+        Raises ``ModelNotFound`` when no live worker has it, ``NoHealthyWorker`` when none
+        of those answers, ``QueueFull`` and ``RedisUnavailable``.
+        """
+        name = normalize(model)
+        if not self._registry.healthy_holders(name):
+            await self.refresh_registry()
+            if not self._registry.holders(name):
+                raise ModelNotFound(model)
+            if not self._registry.healthy_holders(name):
+                raise NoHealthyWorker(model)
+        return await self._start(method, path, body, name, model_queue(name))
+
+    async def submit_to(self, worker_id: str, method: str, path: str, body: str) -> JobStream:
+        """Queue a job for one worker (model management on its host); never re-run."""
+        return await self._start(method, path, body, "", worker_queue(worker_id))
+
+    async def refresh_registry(self, max_age: float = 0.25) -> None:
+        """Refresh the view if older than ``max_age`` seconds; raises ``RedisUnavailable``."""
+        try:
+            await self._registry.refresh_if_older(max_age)
+        except RedisError as exc:
+            raise RedisUnavailable(exc) from exc
+
+    async def _start(self, method: str, path: str, body: str, model: str, queue: str) -> JobStream:
+        job_id = new_id()
+        job = Job(job_id, self._inboxes.channel(job_id), method, path, body, model, 0.0, 0, queue)
+        inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
+        try:
+            message = await self._enqueue(job)
+        except BaseException:
+            inbox.close()
+            raise
+        return JobStream(
+            job, message, inbox, liveness=self._liveness, cancel=self._cancel, rerun=self._rerun
+        )
+
+    async def _enqueue(self, job: Job) -> bytes:
+        """Queue ``job`` with a fresh deadline; its Celery message (to find it again)."""
+        if not self._inboxes.is_ready:
+            raise RedisUnavailable("reconnecting")
+        job.deadline = time.time() + self._queue_timeout
+        message = celery_message(job)
+        try:
+            depth = await self._enqueue_script(
+                keys=[job.queue], args=[message, self._max_queue_depth]
+            )
+        except RedisError as exc:
+            raise RedisUnavailable(exc) from exc
+        if depth == -1:
+            raise QueueFull()
+        return message
+
+    async def _rerun(self, job: Job, failed_on: str | None) -> bytes | None:
+        """Queue the next attempt of a job that failed on ``failed_on`` before reaching
+        Ollama: only a model-bound first attempt, and only when another healthy worker holds
+        the model. The new attempt's message, or None."""
+        if job.attempt > 0 or not job.model:
+            return None
+        await self.refresh_registry(max_age=0)  # the failed worker has re-registered
+        if not any(w.id != failed_on for w in self._registry.healthy_holders(job.model)):
+            return None
+        log.warning("job %s: attempt %d failed on %s, re-running", job.id, job.attempt, failed_on)
+        job.attempt += 1
+        return await self._enqueue(job)
+
+    async def _cancel(self, job: Job, message: bytes, before: int) -> None:
+        """The client is gone or the job failed: it must never run, or run on.
+
+        With ``before`` < ``CANCEL_ALL``, only attempts before it (one the API gave up on)
+        are cancelled: no running worker is told, as the next attempt may be running.
+        """
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(cancel_key(job.id), before, ex=CANCEL_TTL)
+                if before == CANCEL_ALL:
+                    pipe.publish(CANCEL_CHANNEL, job.id)
+                pipe.lrem(job.queue, 1, message)  # type: ignore[arg-type]  # bytes are fine
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("job %s: could not cancel: %r", job.id, exc)
+
+    async def _queued(self, job: Job, message: bytes) -> bool:
+        """Whether ``message`` still waits in its queue (an error counts as yes)."""
+        try:
+            return await self._redis.lpos(job.queue, message) is not None  # type: ignore[arg-type]
+        except RedisError as exc:
+            log.warning("job %s: could not look at its queue: %r", job.id, exc)
+            return True

@@ -1,0 +1,209 @@
+"""One job's frames, as its response consumes them: the head, then the body, then the end.
+
+``JobStream`` reads the job's ``Inbox`` and deals with everything on the way: frames of an
+attempt given up on, pings, gaps, the queue deadline, a stalled or vanished worker
+(``Liveness``), and a failure before the head that the dispatcher may re-run elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+from oshepherd.api.errors import ApiError, JobFailed, QueueTimeout, RedisUnavailable
+from oshepherd.api.inbox import LOST, Inbox
+from oshepherd.protocol import (
+    CANCEL_ALL,
+    Data,
+    End,
+    Error,
+    Frame,
+    Head,
+    Job,
+    Ping,
+    ProtocolError,
+    Start,
+    decode_frame,
+)
+
+__all__ = ["LIVENESS_TICK", "LOST_AFTER", "Cancel", "JobStream", "Liveness", "Rerun"]
+
+log = logging.getLogger(__name__)
+
+LIVENESS_TICK = 1.0  # seconds of silence between two looks at the job's liveness
+# A job gone from its queue that no worker has reported starting this long (seconds) after
+# it was queued was lost with its worker (taken, then killed before it could start).
+LOST_AFTER = 3.0
+
+# Make sure ``job`` never runs (on), or with ``before`` only its attempts before that one.
+Cancel = Callable[[Job, bytes, int], Awaitable[None]]
+# Queue ``job`` again after its attempt failed on ``worker`` before reaching Ollama: the
+# new attempt's message, or None when it is not re-run.
+Rerun = Callable[[Job, "str | None"], Awaitable["bytes | None"]]
+
+
+class Liveness:
+    """Whether a job that has gone quiet is still on its way; asked after each
+    ``LIVENESS_TICK`` without a frame.
+
+    Waiting: past its deadline the job times out (``QueueTimeout``). A job that has left
+    its queue (a worker took it) with no ``Start`` ``LOST_AFTER`` seconds after it was
+    queued was lost with a worker that died before it could start it.
+    Running: its worker's registry entry expired (the worker died), or no frame, not even
+    a ``Ping``, came for ``stall_timeout`` seconds.
+    A lost job is a retryable ``Error``: it never reached Ollama, or is no longer running.
+    """
+
+    def __init__(
+        self,
+        *,
+        alive: Callable[[str], bool],
+        queued: Callable[[Job, bytes], Awaitable[bool]],
+        queue_timeout: float,
+        stall_timeout: float,
+    ) -> None:
+        self._alive = alive
+        self._queued = queued
+        self._queue_timeout = queue_timeout
+        self._stall_timeout = stall_timeout
+
+    async def waiting(self, job: Job, message: bytes, waited: float) -> Error | None:
+        """A job not started after ``waited`` seconds in its queue; raises ``QueueTimeout``."""
+        if time.time() >= job.deadline:
+            raise QueueTimeout(self._queue_timeout)
+        if waited < LOST_AFTER or await self._queued(job, message):
+            return None
+        log.warning("job %s: attempt %d left its queue but never started", job.id, job.attempt)
+        return _lost(job, "the worker that took the job went away")
+
+    def running(self, job: Job, worker: str, silent: float) -> Error | None:
+        """A job started on ``worker``, no frame for ``silent`` seconds."""
+        if not self._alive(worker):
+            return _lost(job, f"worker {worker} went away")
+        if silent > self._stall_timeout:
+            return _verdict(job, 504, f"worker {worker} stalled", retry=False)
+        return None
+
+
+def _lost(job: Job, error: str) -> Error:
+    return _verdict(job, 502, error, retry=True)
+
+
+def _verdict(job: Job, status: int, error: str, *, retry: bool) -> Error:
+    # Made here, never sent: no place in the attempt's sequence.
+    return Error(seq=-1, attempt=job.attempt, status=status, error=error, retry=retry)
+
+
+class JobStream:
+    """The frames of one job: ``head`` once, then ``next`` until it returns ``End``.
+
+    Both raise ``ApiError`` when the job fails: before the head, once any re-run is
+    exhausted; after it, the response has begun and ends with an error line. ``close``
+    cancels the job unless it ended well.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        message: bytes,
+        inbox: Inbox,
+        *,
+        liveness: Liveness,
+        cancel: Cancel,
+        rerun: Rerun,
+    ) -> None:
+        self.job = job
+        self._inbox = inbox
+        self._liveness = liveness
+        self._cancel = cancel
+        self._rerun = rerun
+        self._finished = False  # the job ended well: nothing to cancel
+        self._attempt(message)
+
+    def _attempt(self, message: bytes) -> None:
+        """Follow a new attempt of the job, queued as ``message``."""
+        self._message = message
+        self._enqueued = time.monotonic()
+        self._last_frame = 0.0
+        self._seq = 0
+        self.worker: str | None = None
+
+    async def close(self) -> None:
+        """Stop following the job; unless it ended well, make sure it stops."""
+        self._inbox.close()
+        if not self._finished:
+            await self._cancel(self.job, self._message, CANCEL_ALL)
+
+    async def head(self) -> Head:
+        """Ollama's status, content type and first lines (the whole body if ``last``)."""
+        while True:
+            frame = await self._receive()
+            if isinstance(frame, Head):
+                self._finished = frame.last
+                return frame
+            if isinstance(frame, Error):
+                message = await self._rerun(self.job, self.worker) if frame.retry else None
+                if message is not None:
+                    self._attempt(message)
+                    continue
+                raise JobFailed(frame.status, frame.error)
+            self._fail(JobFailed(502, f"worker {self.worker} sent {frame.kind} before a head"))
+
+    async def next(self) -> Data | End:
+        """After the head: more of the body, or its ``End`` (with the rest of it)."""
+        frame = await self._receive()
+        if isinstance(frame, Data):
+            return frame
+        if isinstance(frame, End):
+            self._finished = True
+            return frame
+        if isinstance(frame, Error):
+            raise JobFailed(frame.status, frame.error)
+        self._fail(JobFailed(502, f"worker {self.worker} sent a second head"))
+
+    async def _receive(self) -> Frame:
+        """The next frame of the current attempt that is neither ``Start`` nor ``Ping``, or
+        the ``Liveness`` verdict on a job gone quiet."""
+        while True:
+            raw = await self._inbox.get(self._tick())
+            if raw is None:
+                if (verdict := await self._check()) is not None:
+                    return verdict
+                continue
+            if raw == LOST:
+                self._fail(RedisUnavailable("its Pub/Sub connection dropped"))
+            try:
+                frame = decode_frame(raw)
+            except ProtocolError as exc:
+                self._fail(JobFailed(502, str(exc)))
+            if frame.attempt != self.job.attempt:
+                continue  # from an attempt given up on
+            if frame.seq != self._seq:
+                self._fail(JobFailed(502, f"lost frames from worker {self.worker}"))
+            self._seq += 1
+            self._last_frame = time.monotonic()
+            if isinstance(frame, Start):
+                self.worker = frame.worker
+            elif not isinstance(frame, Ping):
+                return frame
+
+    def _tick(self) -> float:
+        if self.worker is None:
+            return max(0.0, min(LIVENESS_TICK, self.job.deadline - time.time()))
+        return LIVENESS_TICK
+
+    async def _check(self) -> Error | None:
+        if self.worker is None:
+            waited = time.monotonic() - self._enqueued
+            verdict = await self._liveness.waiting(self.job, self._message, waited)
+            if verdict is not None:
+                # Should the worker start it after all, the start script refuses it.
+                await self._cancel(self.job, self._message, self.job.attempt + 1)
+            return verdict
+        return self._liveness.running(self.job, self.worker, time.monotonic() - self._last_frame)
+
+    def _fail(self, error: ApiError) -> NoReturn:
+        log.warning("job %s: %s", self.job.id, error.message)
+        raise error
