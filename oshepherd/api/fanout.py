@@ -37,7 +37,7 @@ from oshepherd.api.jobstream import JobStream
 from oshepherd.api.watched import WatchedResponse
 from oshepherd.protocol import MODEL_CHANGING_PATHS, Data, End, Head, WorkerEntry
 
-__all__ = ["Answer", "Fanout", "FanoutResponse", "Outcome"]
+__all__ = ["Answer", "Fanout", "FanoutResponse", "Outcome", "ProgressMerge"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,32 @@ class Outcome:
     worker: str
     status: int = 200
     error: str = ""
+
+
+class ProgressMerge:
+    """The progress lines of several workers, as one stream (see the module's docstring)."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._layers: dict[str, dict[str, tuple[int, int]]] = {}  # digest: worker: sizes
+        self._said: set[str] = set()
+
+    def merge(self, worker: str, line: dict[str, Any]) -> bytes | None:
+        """The NDJSON line to send for ``worker``'s ``line``, or None (said already)."""
+        digest = line.get("digest")
+        if not digest:
+            status = str(line.get("status", ""))
+            if status in self._said:
+                return None
+            self._said.add(status)
+            return orjson.dumps(line) + b"\n"
+        layer = self._layers.setdefault(str(digest), {})
+        layer[worker] = (_count(line.get("total")), _count(line.get("completed")))
+        totals = [total for total, _ in layer.values()]
+        total = sum(totals) + (self._workers - len(layer)) * max(totals)
+        completed = sum(done for _, done in layer.values())
+        merged = {**line, "total": total, "completed": completed, "workers": len(layer)}
+        return orjson.dumps(merged) + b"\n"
 
 
 class Fanout:
@@ -77,8 +103,7 @@ class Fanout:
         self._streams: list[JobStream] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: dict[str, Outcome] = {}
-        self._layers: dict[str, dict[str, tuple[int, int]]] = {}
-        self._said: set[str] = set()
+        self._merged = ProgressMerge(len(self._workers))
 
     async def start(self, method: str, path: str, body: str) -> None:
         """Queue the request for every target; a target that cannot take it has failed."""
@@ -101,7 +126,7 @@ class Fanout:
                 self._outcomes[event.worker] = event
                 if event.error:
                     log.warning("%s failed on %s: %s", self.action, event.worker, event.error)
-            elif (line := self._merge(*event)) is not None:
+            elif (line := self._merged.merge(*event)) is not None:
                 yield line
 
     async def failure(self) -> ApiError | None:
@@ -161,22 +186,6 @@ class Fanout:
         if not succeeded:
             return Outcome(worker, 502, "the progress ended without success")
         return Outcome(worker)
-
-    def _merge(self, worker: str, line: dict[str, Any]) -> bytes | None:
-        digest = line.get("digest")
-        if not digest:
-            status = str(line.get("status", ""))
-            if status in self._said:
-                return None
-            self._said.add(status)
-            return orjson.dumps(line) + b"\n"
-        layer = self._layers.setdefault(str(digest), {})
-        layer[worker] = (_count(line.get("total")), _count(line.get("completed")))
-        totals = [total for total, _ in layer.values()]
-        total = sum(totals) + (len(self._workers) - len(layer)) * max(totals)
-        completed = sum(done for _, done in layer.values())
-        merged = {**line, "total": total, "completed": completed, "workers": len(layer)}
-        return orjson.dumps(merged) + b"\n"
 
 
 class FanoutResponse(WatchedResponse):

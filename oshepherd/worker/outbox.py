@@ -102,8 +102,9 @@ class Outbox:
         elif self._answer is not None:
             self._head_sent = True
             status, content_type = self._answer
-            await self._publish(Head(seq=seq, attempt=attempt, body=body, status=status,
-                                     content_type=content_type, last=last))  # fmt: skip
+            head = Head(seq=seq, attempt=attempt, body=body, status=status,
+                        content_type=content_type, last=last)  # fmt: skip
+            await self._publish(head)
 
     def _take_complete(self) -> bytes:
         cut = self._buffer.rfind(self._separator)
