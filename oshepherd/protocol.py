@@ -233,8 +233,8 @@ class Frame:
     body: bytes = b""
 
     def encode(self) -> bytes:
-        header = {"kind": self.kind, "seq": self.seq, "attempt": self.attempt}
-        for name, _ in _FIELDS[self.kind]:
+        header: dict[str, Any] = {"kind": self.kind}
+        for name, _ in _HEADERS[self.kind]:
             header[name] = getattr(self, name)
         return orjson.dumps(header) + b"\n" + self.body
 
@@ -293,12 +293,11 @@ class Ping(Frame):
 
 
 KINDS: dict[str, type[Frame]] = {cls.kind: cls for cls in (Start, Head, Data, End, Error, Ping)}
-# Per kind, the header fields beyond kind/seq/attempt and their exact JSON types.
-_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
+# Per kind, the header's fields after ``kind`` (seq, attempt, the kind's own) and their
+# exact JSON types.
+_HEADERS: dict[str, tuple[tuple[str, type], ...]] = {
     kind: tuple(
-        (f.name, typing.get_type_hints(cls)[f.name])
-        for f in fields(cls)
-        if f.name not in ("seq", "attempt", "body")
+        (f.name, typing.get_type_hints(cls)[f.name]) for f in fields(cls) if f.name != "body"
     )
     for kind, cls in KINDS.items()
 }
@@ -321,7 +320,7 @@ def decode_frame(raw: bytes) -> Frame:
     if cls is None:
         raise ProtocolError(f"malformed frame: unknown kind {kind!r}")
     values: dict[str, Any] = {"body": body}
-    for name, expected in (("seq", int), ("attempt", int), *_FIELDS[cls.kind]):
+    for name, expected in _HEADERS[cls.kind]:
         value = header.get(name)
         if type(value) is not expected:  # exact: a bool is no status, an int no flag
             raise ProtocolError(f"malformed {kind} frame: {name!r} must be {expected.__name__}")
