@@ -17,7 +17,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import nullcontext, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -97,9 +97,10 @@ def _inputs(raw: Any) -> list[str]:
 
 def _words(body: Body) -> int:
     """Prompt size in 'tokens': words of the prompt and message contents, at least 1."""
-    msgs = body.get("messages") if isinstance(body.get("messages"), list) else []
+    messages = body.get("messages")
     parts = [str(body.get("prompt") or "")]
-    parts += [str(m.get("content") or "") for m in msgs if isinstance(m, dict)]
+    if isinstance(messages, list):
+        parts += [str(m.get("content") or "") for m in messages if isinstance(m, dict)]
     return max(1, len(" ".join(parts).split()))
 
 
@@ -142,7 +143,7 @@ async def _until(done: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.005)
 
 
-async def _once(make: Callable[[], bytes]) -> AsyncIterator[bytes]:
+async def _once(make: Callable[[], bytes]) -> AsyncGenerator[bytes, None]:
     yield make()
 
 
@@ -151,7 +152,7 @@ class _Reply:
     first chunk, and stops producing as soon as the caller hangs up."""
 
     def __init__(
-        self, host: StandIn, chunks: AsyncIterator[bytes], media: str, stream: bool
+        self, host: StandIn, chunks: AsyncGenerator[bytes, None], media: str, stream: bool
     ) -> None:
         self.host, self.chunks, self.media, self.stream = host, chunks, media, stream
         self.finished = False
@@ -397,7 +398,7 @@ class StandIn:
         last: Callable[[], bytes],
         cut: list[Any] | None,
         error: Callable[[str], bytes],
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Produce `n` tokens at `token_delay` pace, streaming `chunk(i)` for each (unless
         `chunk` is None), then `last()`; a `cut` ends the stream early with `error(...)`."""
         for i in range(min(n, cut[1]) if cut else n):
