@@ -12,10 +12,11 @@ from typing import Literal
 
 import orjson
 
-from bench.fleet import Fleet, Lab
+from bench.fleet import Lab
 from bench.harness import Profile, cpu_note, errors_of, measure, percentile
 from bench.load import Request, Run, Sample
 from bench.report import Row, Target
+from oshepherd.testing.fleet import Fleet
 
 __all__ = ["FIGURES", "run"]
 
@@ -42,9 +43,9 @@ def run(lab: Lab, profile: Profile, wanted: set[str]) -> list[Row]:
             (LONG, LONG_TOKENS, {"d"}),
         ):
             if wanted & needed:
-                hosts[model] = fleet.standin(model, tokens=tokens)
+                hosts[model] = fleet.standin_process(model, tokens=tokens)
                 fleet.worker(hosts[model], concurrency=SLOTS)
-                fleet.wait_for_model(model, 1)
+                fleet.wait_for_models(model, workers=1)
         rows: list[Row] = []
         if "a" in wanted:
             rows += _ttft(fleet, hosts[TINY].url, profile)

@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 import orjson
 
-from bench.fleet import Fleet, Lab
+from bench.fleet import Lab
 from bench.harness import Profile, errors_of, measure, percentile
 from bench.hold import hold_streams
 from bench.load import Request
 from bench.probe import rss_mb
 from bench.report import Row, Target
+from oshepherd.testing.fleet import Fleet
 
 __all__ = ["embed", "held_streams", "scaling"]
 
@@ -68,9 +69,9 @@ def scaling(lab: Lab, profile: Profile) -> list[Row]:
 def _add_hosts(fleet: Fleet, model: str, n: int, latency: float) -> None:
     """Until the fleet has ``n``: stand-ins serving ``model`` one request at a time in
     ``latency`` seconds, each behind a worker with one slot."""
-    while len(fleet.standins) < n:
-        fleet.worker(fleet.standin(model, latency=latency, max_parallel=1), concurrency=1)
-    fleet.wait_for_model(model, n)
+    while len(fleet.standin_processes) < n:
+        fleet.worker(fleet.standin_process(model, latency=latency, max_parallel=1), concurrency=1)
+    fleet.wait_for_models(model, workers=n)
 
 
 def held_streams(lab: Lab, profile: Profile) -> list[Row]:
@@ -80,12 +81,12 @@ def held_streams(lab: Lab, profile: Profile) -> list[Row]:
     with lab.fleet() as fleet:
         # Every stream is admitted at once, so the queue may briefly hold all of them.
         api = fleet.start_api(max_queue_depth=2 * n)
-        host = fleet.standin(
+        host = fleet.standin_process(
             HOLD, tokens=profile.stream_tokens, token_delay=profile.stream_token_delay
         )
         for _ in range(profile.stream_workers):
             fleet.worker(host, concurrency=math.ceil(n / profile.stream_workers))
-        fleet.wait_for_model(HOLD, profile.stream_workers)
+        fleet.wait_for_models(HOLD, workers=profile.stream_workers)
         idle = _idle_rss(fleet, api.process.pid)
         held = hold_streams(fleet.url, HOLD, n, profile.stream_tokens + 1, api.process.pid)
     errors, first = errors_of([held.run])
@@ -178,7 +179,7 @@ def embed(lab: Lab, profile: Profile) -> list[Row]:
                     workers=n,
                 )
             )
-        direct = measure({"direct": fleet.standins[0].url}, make, 1, count=1, warmup=1)
+        direct = measure({"direct": fleet.standin_processes[0].url}, make, 1, count=1, warmup=1)
     took_direct = direct["direct"][0].samples[0].latency
     batches = math.ceil(len(texts) / BATCH)
     rows[0].notes.append(

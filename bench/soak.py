@@ -22,11 +22,12 @@ import aiohttp
 import orjson
 import redis
 
-from bench.fleet import Fleet, Lab
+from bench.fleet import Lab
 from bench.harness import Profile
 from bench.load import client
 from bench.probe import rss_mb
 from bench.report import Row, Target
+from oshepherd.testing.fleet import Fleet
 
 __all__ = ["soak"]
 
@@ -50,10 +51,10 @@ class Tally:
 def soak(lab: Lab, profile: Profile) -> list[Row]:
     with lab.fleet() as fleet:
         fleet.start_api()
-        hosts = [fleet.standin(MODEL, tokens=TOKENS, token_delay=0.001) for _ in range(2)]
+        hosts = [fleet.standin_process(MODEL, tokens=TOKENS, token_delay=0.001) for _ in range(2)]
         victim = fleet.worker(hosts[0], concurrency=SLOTS)
         fleet.worker(hosts[1], concurrency=SLOTS)
-        fleet.wait_for_model(MODEL, 2)
+        fleet.wait_for_models(MODEL, workers=2)
         api_pid = fleet.api.process.pid if fleet.api else 0
         before = rss_mb(api_pid)
 

@@ -24,7 +24,7 @@ from oshepherd.config import env_names
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import EmbeddedRedis, free_port
 
-__all__ = ["Component", "Stack", "wait_until"]
+__all__ = ["Component", "Stack", "answers", "wait_until"]
 
 T = TypeVar("T")
 # What a component that is still starting, or a Redis coming back, answers: not yet.
@@ -92,6 +92,21 @@ class Component:
         self.signal(signal.SIGKILL)
         return self.process.wait()
 
+    def wait_ready(self, ready: Callable[[], object], timeout: float) -> None:
+        """Until ``ready()`` is truthy (``wait_until``): RuntimeError at once if the process
+        exits; TimeoutError after ``timeout`` seconds, the process then killed."""
+        try:
+            wait_until(ready, timeout, f"{self.name} ready", process=self.process)
+        except TimeoutError:
+            self.kill()
+            raise
+
+
+def answers(url: str) -> bool:
+    """Whether the HTTP server at base ``url`` answers ``GET /`` with 200 within a second
+    (the API and Ollama both do once up); httpx errors propagate."""
+    return httpx.get(url + "/", timeout=1).status_code == 200
+
 
 class Stack:
     def __init__(self, redis_url: str | None = None, *, log: IO[bytes] | int | None = None) -> None:
@@ -117,7 +132,7 @@ class Stack:
         env = self._env(HOST=host, PORT=port, **settings)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         api = self._spawn("api", ["start-api"], env, url=url)
-        self._wait(api, wait, lambda: httpx.get(url + "/", timeout=1).status_code == 200)
+        api.wait_ready(lambda: answers(url), wait)
         return api
 
     def start_worker(self, ollama_url: str, *, worker_id: str | None = None, wait: float = 30.0,
@@ -125,7 +140,7 @@ class Stack:
         worker_id = worker_id or f"worker-{len(self.components)}-{os.getpid()}"
         env = self._env(OLLAMA_BASE_URL=ollama_url, WORKER_ID=worker_id, **settings)
         worker = self._spawn(worker_id, ["start-worker"], env, meta={"id": worker_id})
-        self._wait(worker, wait, lambda: self._registered(worker_id))
+        worker.wait_ready(lambda: self._registered(worker_id), wait)
         return worker
 
     def _registered(self, worker_id: str) -> bool:
@@ -148,15 +163,6 @@ class Stack:
         component = Component(name, process, **kw)
         self.components.append(component)
         return component
-
-    @staticmethod
-    def _wait(component: Component, timeout: float, ready: Callable[[], bool]) -> None:
-        """Until ``ready()``; a component not ready in time is killed."""
-        try:
-            wait_until(ready, timeout, f"{component.name} ready", process=component.process)
-        except TimeoutError:
-            component.kill()
-            raise
 
     def wait(self) -> None:
         """Block until Ctrl-C, SIGTERM, or any component exits."""

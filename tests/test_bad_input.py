@@ -18,7 +18,8 @@ from oshepherd.api.errors import install_handlers
 from oshepherd.config import ApiSettings
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component
-from tests.conftest import Fleet, two_hosts
+from oshepherd.testing.fleet import Fleet
+from tests.conftest import two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

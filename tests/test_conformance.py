@@ -18,8 +18,9 @@ from pydantic import BaseModel
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
+from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, tag_names, two_hosts
+from tests.conftest import tag_names, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

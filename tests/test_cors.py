@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, new_fleet
+from oshepherd.testing.fleet import Fleet
+from tests.conftest import new_fleet
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from schemathesis import Case, HookContext
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, new_fleet
+from oshepherd.testing.fleet import Fleet
+from tests.conftest import new_fleet
 from tests.test_bad_input import assert_error
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,7 +13,8 @@ import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
-from tests.conftest import Fleet, tag_names, two_hosts
+from oshepherd.testing.fleet import Fleet
+from tests.conftest import tag_names, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,8 +16,9 @@ import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
+from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, tag_names, two_hosts
+from tests.conftest import tag_names, two_hosts
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, tag_names, two_hosts
+from oshepherd.testing.fleet import Fleet
+from tests.conftest import tag_names, two_hosts
 
 JS = Path(__file__).parent / "js"
 INSTALL = "npm ci --prefix tests/js"

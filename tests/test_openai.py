@@ -13,7 +13,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from oshepherd.redis_server import EmbeddedRedis
-from tests.conftest import Fleet, new_fleet
+from oshepherd.testing.fleet import Fleet
+from tests.conftest import new_fleet
 
 pytestmark = pytest.mark.timeout(60)
 

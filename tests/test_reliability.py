@@ -16,8 +16,9 @@ import redis
 from oshepherd.protocol import model_queue, worker_key
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component, wait_until
+from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, tag_names
+from tests.conftest import WORKER_SETTINGS, tag_names
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -217,7 +218,7 @@ def test_sigterm_api_lets_in_flight_streams_finish(make_fleet: Callable[[], Flee
 def private_redis(stack_log: IO[bytes]) -> Iterator[tuple[EmbeddedRedis, Fleet]]:
     """A fleet on a Redis of its own, which the test may stop and start again."""
     server = EmbeddedRedis().start()
-    fleet = Fleet(server.url, stack_log)
+    fleet = Fleet(server.url, stack_log, worker=WORKER_SETTINGS)
     yield server, fleet
     fleet.stop()
     server.close()

@@ -15,8 +15,9 @@ import pytest
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
+from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
-from tests.conftest import Fleet, new_fleet
+from tests.conftest import new_fleet
 
 pytestmark = pytest.mark.timeout(60)
 
