@@ -170,6 +170,7 @@ def corpus() -> list[Any]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "body"), corpus())
 def test_bad_bodies_are_rejected(http: httpx.Client, method: str, path: str, body: bytes) -> None:
     assert_rejected(http.request(method, path, content=body), path)
@@ -198,6 +199,7 @@ ROUTING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "status"), ROUTING)
 def test_unknown_paths_and_wrong_methods(
     http: httpx.Client, method: str, path: str, status: int
@@ -228,12 +230,14 @@ def test_default_body_limit_is_32_mib(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ApiSettings().max_body_bytes == 32 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_a_body_at_the_limit_is_served(small_api: Component) -> None:
     response = httpx.post(small_api.url + "/api/generate", content=_padded(SMALL_LIMIT))
     assert response.status_code == 200, response.text
     assert response.json()["done"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path", ["/api/generate", "/api/embed", "/api/pull", "/v1/chat/completions"]
 )
@@ -243,6 +247,7 @@ def test_an_oversized_body_with_content_length_is_413(small_api: Component, path
     assert response.status_code == 413
 
 
+@pytest.mark.slow
 def test_an_oversized_chunked_body_is_413(small_api: Component) -> None:
     body = _padded(3 * SMALL_LIMIT)
     chunks = (body[i : i + 1000] for i in range(0, len(body), 1000))
@@ -264,6 +269,7 @@ NAMES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "host"), NAMES)
 def test_names_of_every_form_route_and_are_echoed(
     fleet: Fleet, http: httpx.Client, name: str, host: int
@@ -276,6 +282,7 @@ def test_names_of_every_form_route_and_are_echoed(
     assert [s.count("/api/generate") for s in fleet.standins] == [int(i == host) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_still_serving_after_the_corpus(fleet: Fleet, http: httpx.Client) -> None:
     response = http.post("/api/generate", json=GOOD)
     assert (

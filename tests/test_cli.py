@@ -19,7 +19,7 @@ from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
 from tests.conftest import tag_names
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

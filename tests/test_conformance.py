@@ -22,7 +22,7 @@ from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
 from tests.conftest import tag_names, two_hosts
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 TOKENS = "tok0 tok1 tok2 tok3 tok4 "
 THINKING = "think0 think1 think2 think3 think4 "

@@ -12,7 +12,7 @@ from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
 from tests.conftest import new_fleet
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 ALLOWED = [
     "http://localhost:3000",

@@ -20,7 +20,7 @@ from oshepherd.testing.fleet import Fleet
 from tests.conftest import new_fleet
 from tests.test_bad_input import assert_error
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 SPEC = Path(__file__).with_name("data") / "ollama-openapi.yaml"
 # Calls that change what the fleet holds; fuzzed only where the gateway serves them.

@@ -16,7 +16,7 @@ from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
 from tests.conftest import tag_names, two_hosts
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")

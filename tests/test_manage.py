@@ -20,7 +20,7 @@ from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
 from tests.conftest import tag_names, two_hosts
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ if NODE is None:
         "node is not installed: the ollama-js checks need Node.js 20+", allow_module_level=True
     )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 TOKENS = "tok0 tok1 tok2 tok3 tok4 "
 

@@ -16,7 +16,7 @@ from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
 from tests.conftest import new_fleet
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 TEXT = "tok0 tok1 tok2 tok3 tok4 "
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]

@@ -20,7 +20,7 @@ from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
 from tests.conftest import WORKER_SETTINGS, tag_names
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 GENERATE = "/api/generate"
 

@@ -19,7 +19,7 @@ from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
 from tests.conftest import new_fleet
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 MODEL = "embedder"
 TEXTS = [f"text number {i}" for i in range(25)]  # batches of 4: six full ones and one of 1

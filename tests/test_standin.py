@@ -21,7 +21,7 @@ from oshepherd.redis_server import free_port
 from oshepherd.stack import wait_until
 from oshepherd.testing.standin import StandIn
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
 
 
 @pytest.fixture
