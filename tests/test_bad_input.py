@@ -4,6 +4,7 @@ gateway keeps serving afterwards."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -15,7 +16,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from oshepherd.api.errors import install_handlers
-from oshepherd.config import ApiSettings
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component
 from oshepherd.testing.fleet import Fleet
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 GOOD = {"model": "llama3", "prompt": "hi", "stream": False}
 DEEP = 5000
 SMALL_LIMIT = 4096
+DEFAULT_LIMIT = 32 * 1024 * 1024  # MAX_BODY_BYTES unless set, as the README says
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +226,27 @@ def small_api(fleet: Fleet) -> Iterator[Component]:
     api.stop()
 
 
-def test_default_body_limit_is_32_mib(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MAX_BODY_BYTES", raising=False)
-    assert ApiSettings().max_body_bytes == 32 * 1024 * 1024
+@pytest.mark.slow
+def test_an_api_with_default_settings_reads_32_mib_and_refuses_a_byte_more(
+    fleet: Fleet, http: httpx.Client
+) -> None:
+    blank = http.post("/api/generate", content=b" " * DEFAULT_LIMIT)
+    assert blank.status_code == 400, blank.text  # read to the end: there is no JSON in it
+    assert _status_of_declared_body(fleet.url, DEFAULT_LIMIT + 1) == 413
+
+
+def _status_of_declared_body(url: str, length: int) -> int:
+    """The status answered to a generate that declares ``length`` bytes of body and sends
+    none of them (httpx would send the body before reading the answer)."""
+    address = httpx.URL(url)
+    head = (
+        f"POST /api/generate HTTP/1.1\r\nHost: {address.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    with socket.create_connection((address.host, address.port or 80), timeout=10) as sock:
+        sock.sendall(head.encode())
+        status_line = sock.makefile("rb").readline()
+    return int(status_line.split()[1])
 
 
 @pytest.mark.slow
