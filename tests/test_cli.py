@@ -15,7 +15,7 @@ import pytest
 
 from oshepherd.config import env_names
 from oshepherd.redis_server import EmbeddedRedis, free_port
-from oshepherd.stack import wait_until
+from oshepherd.stack import Stack, wait_until
 from oshepherd.testing.standin import StandIn
 from tests.conftest import tag_names
 
@@ -57,8 +57,16 @@ def test_up_runs_the_whole_stack_with_an_embedded_redis_and_stops_it(host: Stand
             up.kill()
 
 
-def test_start_api_reads_the_original_template_names_from_an_env_file(tmp_path: Path) -> None:
-    with EmbeddedRedis() as redis_server:
+def test_start_api_reads_the_original_template_names_from_an_env_file(
+    tmp_path: Path, host: StandIn
+) -> None:
+    """The API's Redis is the env file's CELERY_BROKER_URL: it lists the model of a worker
+    registered there (were the URL ignored, it would look at 127.0.0.1:6379 and not)."""
+    with (
+        EmbeddedRedis() as redis_server,
+        Stack(redis_server.url, log=subprocess.DEVNULL) as stack,
+    ):
+        stack.start_worker(host.url)
         port = free_port()
         env_file = tmp_path / ".api.env"
         env_file.write_text(f"HOST=127.0.0.1\nPORT={port}\nCELERY_BROKER_URL={redis_server.url}\n")
@@ -66,9 +74,7 @@ def test_start_api_reads_the_original_template_names_from_an_env_file(tmp_path: 
         api = subprocess.Popen(command, env=clean_env(), stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_until(
-                lambda: httpx.get(url + "/", timeout=1).text == "Ollama is running", 20, "API"
-            )
+            wait_until(lambda: "llama3:latest" in tag_names(url), 20, "model listed", process=api)
         finally:
             api.terminate()
             api.wait(timeout=30)
