@@ -116,7 +116,8 @@ def test_backpressure_fails_fast_past_the_queue_depth(make_fleet: Callable[[], F
     refused = httpx.post(fleet.url + GENERATE, json=body, timeout=5)
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert "maximum pending requests exceeded" in refused.json()["error"]
-    running.join(10), queued.join(10)
+    running.join(10)
+    queued.join(10)
     host.wait_for(lambda h: h.completed == 2)
 
 
