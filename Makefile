@@ -15,7 +15,7 @@ test: $(VENV)/.installed $(JS)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check oshepherd tests bench
 	$(VENV)/bin/ruff format --check oshepherd tests bench
-	$(VENV)/bin/mypy oshepherd
+	$(VENV)/bin/mypy oshepherd tests bench
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

@@ -28,7 +28,7 @@ def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
 
 def test_list_is_the_union_without_duplicates(client: ollama.Client, fleet: Fleet) -> None:
     models = client.list().models
-    names = [m.model for m in models]
+    names = [str(m.model) for m in models]
     assert sorted(names) == ["llama3:latest", "qwen2:7b", "shared:7b"]
     raw = httpx.get(fleet.url + "/api/tags").json()["models"]
     shared = next(m for m in raw if m["name"] == "shared:7b")
@@ -38,7 +38,7 @@ def test_list_is_the_union_without_duplicates(client: ollama.Client, fleet: Flee
 
 def test_generate_streaming_and_not(client: ollama.Client) -> None:
     chunks = list(client.generate(model="llama3", prompt="hi", stream=True))
-    assert "".join(c.response for c in chunks) == "tok0 tok1 tok2 tok3 tok4 "
+    assert "".join(c.response or "" for c in chunks) == "tok0 tok1 tok2 tok3 tok4 "
     assert chunks[-1].done and chunks[-1].eval_count == 5
     assert all(c.model == "llama3" for c in chunks)  # echoed exactly as sent
     whole = client.generate(model="llama3", prompt="hi")
@@ -64,7 +64,7 @@ def test_embed_embeddings_show_ps_version(client: ollama.Client, fleet: Fleet) -
     single = client.embeddings(model="llama3", prompt="a")
     assert list(single.embedding) == list(embedded.embeddings[0])
     shown = client.show("llama3")
-    assert shown.modelinfo is not None and shown.details.family == "llama"
+    assert shown.modelinfo is not None and shown.details and shown.details.family == "llama"
     # /api/ps is the workers' view as of their last heartbeat.
     wait_until(lambda: "llama3:latest" in {m.model for m in client.ps().models}, 5, "ps")
     # The fleet reports its lowest Ollama version: clients gate features on it.

@@ -32,7 +32,7 @@ def stream_lines(url: str, body: dict[str, object], collected: list[dict[str, ob
             collected.append(json.loads(line))
 
 
-def background(target: Callable[..., None], *args: object) -> threading.Thread:
+def background(target: Callable[..., object], *args: object) -> threading.Thread:
     thread = threading.Thread(target=target, args=args, daemon=True)
     thread.start()
     return thread

@@ -61,10 +61,10 @@ def test_generate(stand: StandIn, client: ollama.Client) -> None:
     assert whole.done and whole.done_reason == "stop" and whole.eval_count == 5
     assert whole.total_duration and whole.eval_duration and whole.prompt_eval_count == 2
     parts = list(client.generate(model="llama3:latest", prompt="hi", stream=True, think=True))
-    assert "".join(p.response for p in parts) == whole.response
+    assert "".join(p.response or "" for p in parts) == whole.response
     assert "".join(p.thinking or "" for p in parts).startswith("think0 ")
     assert [p.done for p in parts] == [False] * 5 + [True] and parts[-1].context == [1, 2, 3]
-    assert json.loads(client.generate(model="llama3", prompt="x", format="json").response)
+    assert json.loads(client.generate(model="llama3", prompt="x", format="json").response or "")
     assert client.generate(model="llama3").done_reason == "load"
     assert client.generate(model="llama3", keep_alive=0).done_reason == "unload"
     stand.wait_for(lambda s: s.completed == 5 and s.active == 0)
@@ -172,7 +172,9 @@ def test_fail_mid_stream(stand: StandIn, client: ollama.Client) -> None:
         for part in client.generate(model="llama3", prompt="hi", stream=True):
             seen.append(part.response)
     assert seen == ["tok0 ", "tok1 "]
-    assert "".join(p.response for p in client.generate(model="llama3", prompt="hi", stream=True))
+    assert "".join(
+        p.response or "" for p in client.generate(model="llama3", prompt="hi", stream=True)
+    )
 
 
 def test_disconnect_stops_generation(stand: StandIn, http: httpx.Client) -> None:
