@@ -2,7 +2,8 @@
 
 ``oshepherd up`` runs one; the test suite and the benchmarks run theirs with it too, so
 what they exercise is exactly what a user starts. Every component is a real process,
-configured through the same environment variables a user would set.
+configured through the same environment variables a user would set. ``wait_until`` is the
+one wait for a condition, of the stack, the tests and the benchmarks alike.
 """
 
 from __future__ import annotations
@@ -26,23 +27,23 @@ from oshepherd.redis_server import EmbeddedRedis, free_port
 
 __all__ = ["Component", "Stack", "answers", "wait_until"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 # What a component that is still starting, or a Redis coming back, answers: not yet.
 _NOT_YET = (httpx.HTTPError, redis.RedisError, OSError)
 
 
 def wait_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], _T],
     timeout: float,
     what: str,
     *,
     process: subprocess.Popen[bytes] | None = None,
     interval: float = 0.02,
-) -> T:
+) -> _T:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and
     return that. httpx, Redis and OS errors it raises count as "not yet".
 
-    Raises ``TimeoutError`` naming ``what`` ("the API to answer") once ``timeout`` seconds
+    Raises ``TimeoutError`` naming ``what`` (``"api ready"``) once ``timeout`` seconds
     have passed, chained to the last error the predicate raised, if any; and
     ``RuntimeError`` at once if ``process`` (the one being waited for) has exited.
     """

@@ -23,15 +23,16 @@ from oshepherd.testing.standin import StandIn
 
 __all__ = ["Fleet", "fresh_database"]
 
-# Redis has databases 0–15; 0 keeps the count of those handed out.
+# Redis has databases 0–15; 0 keeps the count of those handed out, under a name outside the
+# wire's "oshepherd:" namespace.
 DATABASES = 15
-COUNTER = "oshepherd:testing:databases"
+COUNTER = "oshepherd-testing:databases"
 
 
 def fresh_database(server: EmbeddedRedis) -> str:
     """The URL of one of ``server``'s databases 1–15, in turn, emptied first: fleets that
     share a server never share queues or a registry. The turn is counted in the server's
-    database 0, so whoever asks takes turns with everyone else."""
+    database 0, so callers keep no state of their own to share one server."""
     with redis.Redis.from_url(server.url) as client:
         number = 1 + (int(client.incr(COUNTER)) - 1) % DATABASES
     url = f"redis://127.0.0.1:{server.port}/{number}"
