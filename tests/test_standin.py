@@ -135,7 +135,18 @@ def test_blobs(client: ollama.Client, http: httpx.Client, tmp_path: Path) -> Non
     assert http.head(f"/api/blobs/{digest}").status_code == 404
     assert client.create_blob(path) == digest
     assert http.head(f"/api/blobs/{digest}").status_code == 200
-    assert http.post(f"/api/blobs/{digest}", content=b"other").status_code == 400
+    assert http.head(f"/api/blobs/{digest.replace(':', '-')}").status_code == 200
+    # As Ollama: a blob it has is 200, its body unread; else the digest is checked, and the
+    # bytes are kept under the digest they really have.
+    assert http.post(f"/api/blobs/{digest}", content=b"other").status_code == 200
+    wrong = f"sha256:{'0' * 64}"
+    response = http.post(f"/api/blobs/{wrong}", content=b"other")
+    got = f"sha256:{hashlib.sha256(b'other').hexdigest()}"
+    assert response.status_code == 400
+    assert response.json() == {"error": f'digest mismatch, expected "{wrong}", got "{got}"'}
+    assert http.head(f"/api/blobs/{wrong}").status_code == 404
+    assert http.head(f"/api/blobs/{got}").status_code == 200
+    assert http.post("/api/blobs/sha256:nothex", content=b"x").status_code == 400
 
 
 def test_errors(stand: StandIn, client: ollama.Client, http: httpx.Client) -> None:

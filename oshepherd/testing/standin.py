@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import itertools
 import math
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
@@ -25,7 +26,7 @@ from typing import Any
 import anyio
 import orjson
 import uvicorn
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
@@ -36,6 +37,7 @@ JSON = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 SIZE = 4_661_224_676
+BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")  # manifest.BlobsPath's check
 DETAILS = {
     "parent_model": "",
     "format": "gguf",
@@ -305,7 +307,8 @@ class StandIn:
         self.stop()
 
     def fail_next(self, status: int, error: str, count: int = 1) -> None:
-        """Answer the next `count` model-bound requests with `status` and ``{"error": error}``."""
+        """Answer the next `count` model-bound requests or blob uploads with `status` and
+        ``{"error": error}``."""
         with self._lock:
             self._faults = [status, error, count]
 
@@ -670,13 +673,34 @@ class StandIn:
         self._loaded.pop(name, None)
         return Response(status_code=200)
 
+    def has_blob(self, digest: str) -> bool:
+        """Whether the host holds the blob ``digest`` (``sha256:<hex>`` or ``sha256-<hex>``)."""
+        return digest.replace(":", "-") in self._blobs
+
     async def _blob(self, request: Request, body: Body) -> Response:
+        """HEAD and POST /api/blobs/:digest as Ollama's HeadBlobHandler and CreateBlobHandler
+        (server/routes.go): a blob it has is 200 (the body unread), else the body is hashed
+        as it streams in and kept under the digest it really has (manifest.NewLayer), 201
+        when that is the one named, else 400. A body cut short keeps nothing."""
         digest = request.path_params["digest"]
+        if not BLOB_DIGEST.fullmatch(digest):
+            raise _Fail(400, "invalid digest format")
+        if self.has_blob(digest):
+            return Response(status_code=200)
         if request.method == "HEAD":
-            return Response(status_code=200 if digest in self._blobs else 404)
-        if digest != f"sha256:{_sha(await request.body())}":
-            raise _Fail(400, "digest mismatch, file must be downloaded again")
-        self._blobs.add(digest)
+            raise _Fail(404, f'blob "{digest}" not found')
+        if fault := self._take(self._faults):
+            raise _Fail(fault[0], fault[1])
+        sha = hashlib.sha256()
+        try:
+            async for chunk in request.stream():
+                sha.update(chunk)
+        except ClientDisconnect:
+            return Response(status_code=400)  # never sent: the caller is gone
+        got = f"sha256:{sha.hexdigest()}"
+        self._blobs.add(got.replace(":", "-"))
+        if got != digest:
+            raise _Fail(400, f'digest mismatch, expected "{digest}", got "{got}"')
         return Response(status_code=201)
 
     def _v1_chat(self, request: Request, body: Body) -> _Reply:
