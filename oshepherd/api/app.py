@@ -10,21 +10,26 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
-from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware import Middleware
 
 from oshepherd import __version__
 from oshepherd.api.errors import install_handlers
 from oshepherd.api.gateway import Gateway
+from oshepherd.api.protections import (
+    ALLOWED_HEADERS,
+    CORS_MAX_AGE,
+    CORS_METHODS,
+    HostCheck,
+    OllamaCORS,
+    OriginCheck,
+    listens_on_loopback,
+    origin_regex,
+)
 from oshepherd.api.routes import manage, ollama, openai
 from oshepherd.config import ApiSettings
 
-__all__ = ["create_app", "origin_regex", "serve"]
+__all__ = ["create_app", "protections", "serve"]
 
-# Ollama's default CORS origins (envconfig.AllowedOrigins): local pages on any port, and
-# the shells of desktop apps and editor extensions.
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0")
-SCHEMES = ("http", "https")
-APP_SCHEMES = ("app", "file", "tauri", "vscode-webview", "vscode-file")
 # FastAPI's built-in OpenTelemetry middleware costs about a fifth of a request's time in
 # the API process; a gateway on the hot path of every token does without it.
 NO_TELEMETRY: TelemetryConfig = {
@@ -33,7 +38,6 @@ NO_TELEMETRY: TelemetryConfig = {
     "logs": False,
     "operation_spans": False,
 }
-CORS_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -54,28 +58,31 @@ def create_app(settings: ApiSettings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         telemetry=NO_TELEMETRY,
+        middleware=protections(settings),
     )
     install_handlers(app)
     app.include_router(ollama.router)
     app.include_router(manage.router)
     app.include_router(openai.router)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origin_regex=origin_regex(settings.ollama_origins),
-        allow_methods=CORS_METHODS,
-        allow_headers=["*"],
-    )
     return app
 
 
-def origin_regex(extra: str) -> str:
-    """Ollama's default origins plus ``extra`` (``OLLAMA_ORIGINS``: comma-separated, where
-    ``*`` matches anything, as Ollama's CORS wildcards do), as one regex."""
-    patterns = [origin.strip() for origin in extra.split(",") if origin.strip()]
-    for host in LOCAL_HOSTS:
-        patterns += [f"{scheme}://{host}{port}" for scheme in SCHEMES for port in ("", ":*")]
-    patterns += [f"{scheme}://*" for scheme in APP_SCHEMES]
-    return "|".join(".*".join(map(re.escape, pattern.split("*"))) for pattern in patterns)
+def protections(settings: ApiSettings) -> list[Middleware]:
+    """Ollama's middlewares, outermost first, in its ``GenerateRoutes`` order: the origin
+    check and CORS headers (gin-contrib/cors), then the host check
+    (``allowedHostsMiddleware``). See ``oshepherd.api.protections``."""
+    origins = re.compile(origin_regex(settings.ollama_origins))
+    return [
+        Middleware(OriginCheck, allowed=lambda origin: origins.fullmatch(origin) is not None),
+        Middleware(
+            OllamaCORS,
+            allow_origin_regex=origins.pattern,
+            allow_methods=CORS_METHODS,
+            allow_headers=ALLOWED_HEADERS,
+            max_age=CORS_MAX_AGE,
+        ),
+        Middleware(HostCheck, loopback=listens_on_loopback(settings.host)),
+    ]
 
 
 def serve(settings: ApiSettings) -> None:
