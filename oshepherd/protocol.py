@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import typing
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import orjson
@@ -333,7 +333,9 @@ class WorkerEntry:
     """A worker's registry entry, rewritten every heartbeat under ``worker_key(id)``.
 
     ``models`` and ``running`` are the host's ``/api/tags`` and ``/api/ps`` entries as
-    Ollama wrote them; ``started_at`` and ``expires`` are epoch seconds.
+    Ollama wrote them; ``started_at`` and ``expires`` are epoch seconds. ``cloud`` is the
+    ``cloud`` object of the host's ``/api/status`` (``{"disabled": bool, "source": str}``),
+    empty from a host without that route or an older worker.
     """
 
     id: str
@@ -348,6 +350,7 @@ class WorkerEntry:
     in_flight: int
     started_at: float
     expires: float
+    cloud: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps({f.name: getattr(self, f.name) for f in fields(self)})

@@ -218,6 +218,9 @@ class StandIn:
         self.port, self.latency, self.token_delay, self.tokens = port, latency, token_delay, tokens
         self.max_parallel, self.version, self.embed_dim = max_parallel, version, embed_dim
         self.name = name
+        # /api/status: "none" (cloud enabled), or "env", "config", "both": disabled by
+        # OLLAMA_NO_CLOUD and/or server.json (Ollama's envconfig.NoCloudSource).
+        self.cloud_source = "none"
         self.requests: list[tuple[str, str, Body]] = []
         self.active = self.peak_active = self.completed = self.disconnects = self.tokens_sent = 0
         self._lock = threading.Lock()
@@ -723,6 +726,10 @@ class StandIn:
         }
         return _Reply(self, _once(lambda: orjson.dumps(obj)), JSON, False)
 
+    def _cloud(self) -> Body:
+        """Ollama's ``StatusHandler``: an ``api.CloudStatus``."""
+        return {"disabled": self.cloud_source != "none", "source": self.cloud_source}
+
     def _v1_model(self, request: Request, body: Body) -> Response:
         self._known(request.path_params["model"])
         return _json(self._v1_entry(request.path_params["model"]))
@@ -753,6 +760,7 @@ class StandIn:
         table: list[tuple[str, str, Handler]] = [
             ("GET", "/", lambda r, b: PlainTextResponse("Ollama is running")),
             ("GET", "/api/version", lambda r, b: _json({"version": self.version})),
+            ("GET", "/api/status", lambda r, b: _json({"cloud": self._cloud()})),
             (
                 "GET",
                 "/api/tags",

@@ -50,14 +50,16 @@ class OllamaStreamBroke(OllamaError):
 
 @dataclass(slots=True)
 class HostState:
-    """What the last poll of the host saw: its ``/api/version``, ``/api/tags`` entries
-    and ``/api/ps`` entries, or the error that kept it from answering."""
+    """What the last poll of the host saw: its ``/api/version``, ``/api/tags`` entries,
+    ``/api/ps`` entries and ``/api/status`` cloud policy, or the error that kept it from
+    answering."""
 
     healthy: bool = False
     version: str = ""
     models: list[dict[str, Any]] = field(default_factory=list)
     running: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
+    cloud: dict[str, Any] = field(default_factory=dict)
 
 
 class OllamaResponse:
@@ -95,12 +97,14 @@ class OllamaHost:
         )
 
     async def poll(self) -> HostState:
-        """Models, running models and version, fetched at once; never raises."""
+        """Models, running models, version and cloud policy, fetched at once; never
+        raises. An Ollama without ``/api/status`` (404) has no cloud policy to report."""
         try:
-            tags, ps, version = await asyncio.gather(
+            tags, ps, version, status = await asyncio.gather(
                 self._get_json("/api/tags"),
                 self._get_json("/api/ps"),
                 self._get_json("/api/version"),
+                self._get_json("/api/status", missing_ok=True),
             )
         except OllamaUnreachable as exc:
             return HostState(healthy=False, error=str(exc))
@@ -109,11 +113,16 @@ class OllamaHost:
             version=str(version.get("version", "")),
             models=list(tags.get("models") or []),
             running=list(ps.get("models") or []),
+            cloud=cloud if isinstance(cloud := status.get("cloud"), dict) else {},
         )
 
-    async def _get_json(self, path: str) -> dict[str, Any]:
+    async def _get_json(self, path: str, *, missing_ok: bool = False) -> dict[str, Any]:
+        """Ollama's JSON object at ``path`` ({} if it is no object, or a 404 when
+        ``missing_ok``); raises ``OllamaUnreachable``."""
         try:
             async with self.session.get(path, timeout=POLL_TIMEOUT) as response:
+                if missing_ok and response.status == 404:
+                    return {}
                 response.raise_for_status()
                 data = await response.json(content_type=None)
         except (*_TRANSPORT_ERRORS, ValueError) as exc:

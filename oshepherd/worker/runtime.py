@@ -186,6 +186,7 @@ class WorkerRuntime:
             in_flight=len(self.runner.in_flight),
             started_at=self._started_at,
             expires=now + ttl,
+            cloud=self._state.cloud,
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(worker_key(self.worker_id), entry.to_json(), px=int(ttl * 1000))

@@ -114,8 +114,21 @@ async def version(request: Request) -> Response:
     return json_response({"version": min(versions, key=_version_key, default="0.0.0")})
 
 
-@route("/api/tags", ["GET"])
+@route("/api/status", ["GET"])
+async def status(request: Request) -> Response:
+    """Ollama's ``StatusHandler`` for the fleet: ``{"cloud": {"disabled", "source"}}``.
+
+    Cloud is disabled when any healthy host disables it, as Ollama's own clients fail
+    closed on cloud policy (``app/tools/cloud_policy.go``); ``source`` is those hosts'
+    source ("env", "config"), "both" when they differ, "none" when no host disables it.
+    """
+    return json_response({"cloud": fleet_cloud(healthy_workers(request))})
+
+
+@route("/api/tags", ["GET", "HEAD"])
 async def tags(request: Request) -> Response:
+    """Every model of the fleet; ``HEAD`` answers the same headers without the body, as
+    Ollama's ``r.HEAD("/api/tags", s.ListHandler)`` does."""
     return json_response({"models": merged(healthy_workers(request), "models")})
 
 
@@ -137,6 +150,14 @@ def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
             merged_entry = by_name.setdefault(key, {**entry, "workers": []})
             merged_entry["workers"].append(worker.id)
     return list(by_name.values())
+
+
+def fleet_cloud(workers: Iterable[WorkerEntry]) -> dict[str, Any]:
+    """The fleet's ``api.CloudStatus`` from its hosts' (``WorkerEntry.cloud``)."""
+    sources = {str(w.cloud.get("source")) for w in workers if w.cloud.get("disabled") is True}
+    if not sources:
+        return {"disabled": False, "source": "none"}
+    return {"disabled": True, "source": sources.pop() if len(sources) == 1 else "both"}
 
 
 def _version_key(version: str) -> tuple[int, ...]:
