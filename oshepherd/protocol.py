@@ -18,6 +18,7 @@ relaying them costs no re-encoding.
 
 from __future__ import annotations
 
+import base64
 import time
 import typing
 import uuid
@@ -44,6 +45,7 @@ __all__ = [
     "ProtocolError",
     "Start",
     "WorkerEntry",
+    "binary_body",
     "cancel_key",
     "celery_message",
     "decode_frame",
@@ -58,6 +60,7 @@ __all__ = [
 
 PREFIX = "oshepherd"
 TASK_NAME = "oshepherd.run_job"
+JSON_BODY = "application/json"  # the Content-Type of a job's JSON body
 WORKERS_INDEX = f"{PREFIX}:workers"  # zset: worker id -> expiry (epoch s); readers never SCAN
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # one channel; the message is the job id
 # Jobs on these paths change what a host holds: the worker re-registers before it answers,
@@ -143,6 +146,9 @@ class Job:
     ``body`` is the client's JSON text, forwarded to Ollama byte for byte; ``model`` is the
     normalized name, used for routing only (empty for a job aimed at one worker);
     ``deadline`` is the latest start, in epoch seconds; ``queue`` is where it waits.
+    ``content_type`` is empty when ``body`` is JSON text; otherwise it is the media type of
+    the bytes ``body`` carries in base64 (``binary_body``: an upload, since Celery messages
+    are JSON), and both go to Ollama as the client sent them.
     """
 
     id: str
@@ -154,9 +160,16 @@ class Job:
     deadline: float
     attempt: int = 0
     queue: str = ""
+    content_type: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _JOB_FIELDS}
+
+    def content(self) -> tuple[bytes, str]:
+        """The request body for Ollama, and its Content-Type."""
+        if not self.content_type:
+            return self.body.encode(), JSON_BODY
+        return base64.b64decode(self.body), self.content_type
 
     @classmethod
     def from_dict(cls, data: Any) -> Job:
@@ -171,6 +184,11 @@ class Job:
 
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+
+def binary_body(raw: bytes) -> str:
+    """``raw`` as a job's ``body`` (base64), for a job whose ``content_type`` says what it is."""
+    return base64.b64encode(raw).decode("ascii")
 
 
 def celery_message(job: Job) -> bytes:

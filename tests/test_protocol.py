@@ -24,6 +24,7 @@ from oshepherd.protocol import (
     ProtocolError,
     Start,
     WorkerEntry,
+    binary_body,
     celery_message,
     decode_frame,
     job_channel,
@@ -120,6 +121,15 @@ def test_a_job_round_trips_through_a_dict_and_refuses_unknown_fields() -> None:
         Job.from_dict({**original.to_dict(), "extra": 1})
     with pytest.raises(ProtocolError, match="malformed job"):
         Job.from_dict("not a dict")
+
+
+def test_a_job_carries_its_body_to_ollama_as_the_client_sent_it() -> None:
+    assert job().content() == (job().body.encode(), "application/json")
+    upload = bytes(range(256)) * 3  # not UTF-8, not JSON
+    form = "multipart/form-data; boundary=x"
+    binary = job(body=binary_body(upload), content_type=form)
+    over_the_wire = Job.from_dict(orjson.loads(orjson.dumps(binary.to_dict())))
+    assert over_the_wire.content() == (upload, form)
 
 
 def test_a_job_past_its_deadline_is_expired() -> None:

@@ -60,8 +60,11 @@ class Dispatcher:
             stall_timeout=settings.stall_timeout,
         )
 
-    async def submit(self, method: str, path: str, body: str, model: str) -> JobStream:
-        """Queue a job for a worker holding ``model`` (as the client wrote it).
+    async def submit(
+        self, method: str, path: str, body: str, model: str, *, content_type: str = ""
+    ) -> JobStream:
+        """Queue a job for a worker holding ``model`` (as the client wrote it);
+        ``content_type`` marks a body that is not JSON (``Job.content_type``).
 
         Raises ``ModelNotFound`` when no live worker has it, ``NoHealthyWorker`` when none
         of those answers, ``QueueFull`` and ``RedisUnavailable``.
@@ -73,7 +76,7 @@ class Dispatcher:
                 raise ModelNotFound(model)
             if not self._registry.healthy_holders(name):
                 raise NoHealthyWorker(model)
-        return await self._start(method, path, body, name, model_queue(name))
+        return await self._start(method, path, body, name, model_queue(name), content_type)
 
     async def submit_to(self, worker_id: str, method: str, path: str, body: str) -> JobStream:
         """Queue a job for one worker (model management on its host); never re-run."""
@@ -86,9 +89,12 @@ class Dispatcher:
         except RedisError as exc:
             raise RedisUnavailable(exc) from exc
 
-    async def _start(self, method: str, path: str, body: str, model: str, queue: str) -> JobStream:
+    async def _start(
+        self, method: str, path: str, body: str, model: str, queue: str, content_type: str = ""
+    ) -> JobStream:
         job_id = new_id()
-        job = Job(job_id, self._inboxes.channel(job_id), method, path, body, model, 0.0, 0, queue)
+        channel = self._inboxes.channel(job_id)
+        job = Job(job_id, channel, method, path, body, model, 0.0, 0, queue, content_type)
         inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
         try:
             message = await self._enqueue(job)

@@ -88,7 +88,7 @@ class JobRunner:
 
     async def _relay(self, job: Job, outbox: Outbox) -> None:
         try:
-            async with self._host.send(job.method, job.path, job.body) as response:
+            async with self._host.send(job.method, job.path, *job.content()) as response:
                 outbox.start(response.status, response.content_type)
                 async for chunk in response.chunks():
                     outbox.write(chunk)

@@ -130,17 +130,18 @@ class OllamaHost:
         return data if isinstance(data, dict) else {}
 
     @asynccontextmanager
-    async def send(self, method: str, path: str, body: str) -> AsyncIterator[OllamaResponse]:
-        """Forward a job's request (``body``: JSON text, or empty) and hold its response.
+    async def send(
+        self, method: str, path: str, body: bytes, content_type: str
+    ) -> AsyncIterator[OllamaResponse]:
+        """Forward a job's request (``body``: its bytes, sent with ``content_type`` unless
+        empty) and hold its response.
 
         Raises ``OllamaUnreachable`` when Ollama does not answer; the body's chunks raise
         ``OllamaStreamBroke``. The connection goes back to the pool on exit.
         """
-        headers = {"Content-Type": "application/json"} if body else {}
+        headers = {"Content-Type": content_type} if body else {}
         try:
-            response = await self.session.request(
-                method, path, data=body.encode() or None, headers=headers
-            )
+            response = await self.session.request(method, path, data=body or None, headers=headers)
         except _TRANSPORT_ERRORS as exc:
             raise OllamaUnreachable(f"{method} {path}: {exc!r}") from exc
         try:
