@@ -25,7 +25,7 @@ from oshepherd.api.protections import (
     listens_on_loopback,
     origin_regex,
 )
-from oshepherd.api.routes import manage, ollama, openai
+from oshepherd.api.routes import anthropic, manage, ollama, openai
 from oshepherd.config import ApiSettings
 
 __all__ = ["create_app", "protections", "serve"]
@@ -64,6 +64,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(manage.router)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
     return app
 
 

@@ -2,8 +2,9 @@
 
 Every error the API answers itself is an ``ApiError``, raised anywhere and translated at
 the edge (``install_handlers``, or a response that has already begun) into the shape of
-the route's surface: Ollama's ``{"error": "..."}`` on ``/api``, OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` on ``/v1``. Redis errors are
+the route's surface: Ollama's ``{"error": "..."}`` on ``/api``, Anthropic's
+``{"type": "error", "error": {"type", "message"}}`` on ``/v1/messages``, OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` on the rest of ``/v1``. Redis errors are
 translated where they enter (``RedisUnavailable``); a worker's failure arrives as an
 ``Error`` frame and leaves as ``JobFailed``.
 
@@ -48,6 +49,7 @@ __all__ = [
     "error_line",
     "error_response",
     "install_handlers",
+    "is_anthropic",
     "is_openai",
     "json_response",
 ]
@@ -58,6 +60,19 @@ OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+}
+# Anthropic's error types by status (its API's "HTTP errors"; 503 as Ollama's
+# anthropic.NewError maps it); any other 4xx is an invalid_request_error, 5xx an api_error.
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
 }
 RETRY_AFTER = 5  # seconds, for every 503 the gateway answers itself
 
@@ -128,11 +143,21 @@ class QueueTimeout(Unavailable):
 
 
 def is_openai(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1"
+    """Whether ``path`` is on OpenAI's surface (``/v1``, except Anthropic's routes)."""
+    return (path.startswith("/v1/") or path == "/v1") and not is_anthropic(path)
+
+
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is on Anthropic's surface (``/v1/messages`` and below)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def error_body(path: str, status: int, message: str) -> bytes:
     """The error object a client of ``path``'s surface expects, as JSON bytes."""
+    if is_anthropic(path):
+        fallback = "invalid_request_error" if 400 <= status < 500 else "api_error"
+        kind = ANTHROPIC_TYPES.get(status, fallback)
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
     if is_openai(path):
         kind = OPENAI_TYPES.get(status, "api_error")
         detail = {"message": message, "type": kind, "param": None, "code": None}
@@ -141,9 +166,12 @@ def error_body(path: str, status: int, message: str) -> bytes:
 
 
 def error_line(path: str, message: str, *, sse: bool) -> bytes:
-    """A failure after the answer began: one last NDJSON line, or SSE event, that ends it."""
+    """A failure after the answer began: one last NDJSON line, or SSE event, that ends it
+    (Anthropic's streams name theirs ``event: error``, as its API does)."""
     body = error_body(path, 500, message)
-    return b"data: " + body + b"\n\n" if sse else body + b"\n"
+    if not sse:
+        return body + b"\n"
+    return (b"event: error\ndata: " if is_anthropic(path) else b"data: ") + body + b"\n\n"
 
 
 def json_response(

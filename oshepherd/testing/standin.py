@@ -26,16 +26,20 @@ from typing import Any
 import anyio
 import orjson
 import uvicorn
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from oshepherd.stack import wait_until
+from oshepherd.testing import compat
 
 JSON = "application/json; charset=utf-8"
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+FORM_PATH = "/v1/audio/transcriptions"  # the one route whose body is a multipart form
 SIZE = 4_661_224_676
 BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")  # manifest.BlobsPath's check
 DETAILS = {
@@ -106,6 +110,14 @@ def _words(body: Body) -> int:
     return max(1, len(" ".join(parts).split()))
 
 
+def _check(check: Callable[[Body], None], body: Body) -> None:
+    """A compatibility layer's check of ``body``, failing as the stand-in fails."""
+    try:
+        check(body)
+    except compat.Invalid as exc:
+        raise _Fail(exc.status, exc.message) from None
+
+
 def _line(obj: Any) -> bytes:
     return orjson.dumps(obj) + b"\n"
 
@@ -115,9 +127,11 @@ def _event(obj: Any) -> bytes:
 
 
 def _error(path: str, status: int, message: str) -> Any:
-    """Ollama's error body, or OpenAI's under /v1."""
+    """Ollama's error body, Anthropic's on /v1/messages, or OpenAI's under /v1."""
     if not path.startswith("/v1"):
         return {"error": message}
+    if path.startswith("/v1/messages"):
+        return compat.anthropic_error(status, message)
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
@@ -734,6 +748,85 @@ class StandIn:
         self._known(request.path_params["model"])
         return _json(self._v1_entry(request.path_params["model"]))
 
+    def _v1_messages(self, request: Request, body: Body) -> _Reply:
+        """/v1/messages through Ollama's Anthropic layer (``compat``); a cut stream just
+        ends, as Ollama's AnthropicWriter drops the chat's error line."""
+        _check(compat.check_messages_request, body)
+        self._admit(body["model"])
+        stream, texts, words = body.get("stream") is True, self._texts(body), _words(body)
+        n, call = len(texts), compat.tool_call(body.get("tools"))
+        events = compat.AnthropicStream(body["model"], words)
+
+        def chunk(i: int) -> bytes:
+            return events.chunk(texts[i], call if i == n - 1 else None)
+
+        def last() -> bytes:
+            if stream:
+                return events.done(n)
+            message = compat.anthropic_message(body["model"], "".join(texts), call, (words, n))
+            return orjson.dumps(message)
+
+        cut = self._take(self._cuts, stream)
+        chunks = self._emit(n, chunk if stream else None, last, cut, lambda _: b"")
+        return _Reply(self, chunks, SSE if stream else JSON, stream)
+
+    def _v1_responses(self, request: Request, body: Body) -> _Reply:
+        """/v1/responses through Ollama's Responses layer (``compat``); a cut stream just
+        ends, as Ollama's ResponsesWriter drops the chat's error line."""
+        _check(compat.check_responses_request, body)
+        self._admit(body.get("model"))
+        stream, texts = body.get("stream") is True, self._texts(body)
+        usage = (max(1, len(str(body.get("input") or "").split())), len(texts))
+        events = compat.ResponsesStream(body)
+
+        def chunk(i: int) -> bytes:
+            return events.chunk(texts[i])
+
+        def last() -> bytes:
+            if stream:
+                return events.done(usage)
+            return orjson.dumps(compat.response_message(body, "".join(texts), usage))
+
+        cut = self._take(self._cuts, stream)
+        chunks = self._emit(len(texts), chunk if stream else None, last, cut, lambda _: b"")
+        return _Reply(self, chunks, SSE if stream else JSON, stream)
+
+    async def _v1_transcriptions(self, request: Request, body: Body) -> _Reply:
+        """/v1/audio/transcriptions as Ollama's TranscriptionMiddleware: a multipart form
+        (``model``, ``file``, ``response_format``...) whose audio goes to the model; the
+        answer is ``{"text": ...}``, or the bare text with ``response_format=text``. ``body``
+        records the text fields and, under ``file``, the audio's bytes."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise _Fail(
+                400,
+                "failed to parse multipart form: request Content-Type isn't multipart/form-data",
+            )
+        try:
+            form = await request.form()
+        except MultiPartException as exc:
+            raise _Fail(400, f"failed to parse multipart form: {exc.message}") from None
+        try:
+            body.update((k, v) for k, v in reversed(form.multi_items()) if isinstance(v, str))
+            upload = form.get("file")
+            body["file"] = await upload.read() if isinstance(upload, UploadFile) else None
+        finally:
+            await form.close()
+        if not body.get("model"):
+            raise _Fail(400, "model is required")
+        if body["file"] is None:
+            raise _Fail(400, "file is required: http: no such file")
+        if not body["file"]:
+            raise _Fail(400, "audio file is empty")
+        self._admit(body["model"])
+        texts, as_text = self._texts({}), body.get("response_format") == "text"
+        text = "".join(texts).strip()
+
+        def last() -> bytes:
+            return text.encode() if as_text else orjson.dumps({"text": text})
+
+        chunks = self._emit(len(texts), None, last, None, lambda _: b"")
+        return _Reply(self, chunks, "text/plain" if as_text else JSON, False)
+
     def _endpoint(self, handler: Handler, json_body: bool) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Any:
             body: Body = {}
@@ -789,10 +882,15 @@ class StandIn:
                 ),
             ),
             ("GET", "/v1/models/{model:path}", self._v1_model),
+            ("POST", "/v1/messages", self._v1_messages),
+            ("POST", "/v1/responses", self._v1_responses),
+            ("POST", FORM_PATH, self._v1_transcriptions),
         ]
         routes = [
             Route(
-                path, self._endpoint(fn, methods in ("POST", "DELETE")), methods=methods.split(",")
+                path,
+                self._endpoint(fn, methods in ("POST", "DELETE") and path != FORM_PATH),
+                methods=methods.split(","),
             )
             for methods, path, fn in table
         ]
