@@ -58,8 +58,10 @@ class ApiSettings(CommonSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=5001, ge=0, le=65535)
-    queue_timeout: float = Field(
-        default=120.0, gt=0, lt=VISIBILITY_TIMEOUT, description="latest start of a job (s)"
+    # Unset, a queued job waits as long as its client does, as in Ollama (no time limit);
+    # a client that hangs up withdraws it at once.
+    queue_timeout: float | None = Field(
+        default=None, gt=0, lt=VISIBILITY_TIMEOUT, description="latest start of a job (s)"
     )
     stall_timeout: float = Field(default=60.0, gt=0, description="silence that ends a job (s)")
     max_queue_depth: int = Field(default=512, ge=1, description="jobs waiting per model")
@@ -68,6 +70,12 @@ class ApiSettings(CommonSettings):
     shutdown_grace: float = Field(default=30.0, ge=0)
     ollama_origins: str = Field(default="", description="extra CORS origins, comma-separated")
     embed_batch_size: int = Field(default=256, ge=1)
+
+    @field_validator("queue_timeout", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``QUEUE_TIMEOUT=`` (as a template leaves it) means no limit, like no setting."""
+        return None if value == "" else value
 
 
 class WorkerSettings(CommonSettings):

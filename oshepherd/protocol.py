@@ -106,7 +106,9 @@ def cancel_key(job_id: str) -> str:
 
 
 CANCEL_ALL = 1 << 30
-CANCEL_TTL = 3600  # seconds: longer than any job may wait in its queue
+# Seconds. A cancelled attempt's message leaves its queue in the same round trip (LREM);
+# the key stops a worker that took it just before, however long it had waited.
+CANCEL_TTL = 3600
 
 # Backpressure and enqueue in one round trip. KEYS: queue. ARGV: message, max depth.
 # Returns the new depth, or -1 when the queue was full and nothing was pushed.
@@ -145,7 +147,9 @@ class Job:
 
     ``body`` is the client's JSON text, forwarded to Ollama byte for byte; ``model`` is the
     normalized name, used for routing only (empty for a job aimed at one worker);
-    ``deadline`` is the latest start, in epoch seconds; ``queue`` is where it waits.
+    ``deadline`` is the latest start, in epoch seconds, or None (JSON null): no limit, the
+    job waits as long as its client does (``QUEUE_TIMEOUT`` unset, as Ollama has none);
+    ``queue`` is where it waits.
     ``content_type`` is empty when ``body`` is JSON text; otherwise it is the media type of
     the bytes ``body`` carries in base64 (``binary_body``: an upload, since Celery messages
     are JSON), and both go to Ollama as the client sent them.
@@ -157,7 +161,7 @@ class Job:
     path: str
     body: str
     model: str
-    deadline: float
+    deadline: float | None
     attempt: int = 0
     queue: str = ""
     content_type: str = ""
@@ -180,7 +184,8 @@ class Job:
             raise ProtocolError(f"malformed job: {exc}") from exc
 
     def expired(self) -> bool:
-        return time.time() > self.deadline
+        """Whether the job has a deadline and it has passed."""
+        return self.deadline is not None and time.time() > self.deadline
 
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))

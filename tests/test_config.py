@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import AliasChoices, AliasPath, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,3 +34,18 @@ def test_names_are_the_ones_pydantic_settings_reads(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("FIRST")
     monkeypatch.setenv("SECOND", "[8]")
     assert Knobs().either == 8
+
+
+def test_queue_timeout_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset or empty, a queued job has no deadline (as in Ollama); set, it has one."""
+    monkeypatch.delenv("QUEUE_TIMEOUT", raising=False)
+    assert ApiSettings().queue_timeout is None
+    template = Path(__file__).parents[1] / ".api.env.template"
+    assert ApiSettings(_env_file=template).queue_timeout is None  # type: ignore[call-arg]
+    monkeypatch.setenv("QUEUE_TIMEOUT", "")
+    assert ApiSettings().queue_timeout is None
+    monkeypatch.setenv("QUEUE_TIMEOUT", "2.5")
+    assert ApiSettings().queue_timeout == 2.5
+    monkeypatch.setenv("QUEUE_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="queue_timeout"):
+        ApiSettings()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
 from oshepherd.api.errors import JobFailed, QueueTimeout, RedisUnavailable
 from oshepherd.api.inbox import LOST, Inbox, Inboxes
-from oshepherd.api.jobstream import JobStream, Liveness
+from oshepherd.api.jobstream import LIVENESS_TICK, JobStream, Liveness
 from oshepherd.protocol import CANCEL_ALL, Data, End, Error, Frame, Head, Job, Ping, Start
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
@@ -51,9 +52,13 @@ class Fleet:
         return b"message-%d" % job.attempt
 
 
-def stream(fleet: Fleet, *, deadline: float = 60.0, stall: float = 60.0) -> tuple[JobStream, Inbox]:
+def stream(
+    fleet: Fleet, *, deadline: float | None = 60.0, stall: float = 60.0
+) -> tuple[JobStream, Inbox]:
+    """A job's stream; ``deadline`` is its queue timeout (None: none, QUEUE_TIMEOUT unset)."""
     inbox = Inboxes(cast(Redis, None), "api").open("j1")  # fed by hand, never subscribed
-    job = Job("j1", "channel", "POST", "/api/chat", "{}", "m:latest", time.time() + deadline)
+    latest = None if deadline is None else time.time() + deadline
+    job = Job("j1", "channel", "POST", "/api/chat", "{}", "m:latest", latest)
     liveness = Liveness(
         alive=fleet.alive, queued=fleet.queued, queue_timeout=deadline, stall_timeout=stall
     )
@@ -147,6 +152,19 @@ async def test_a_job_nobody_takes_by_its_deadline_times_out_and_is_cancelled() -
     assert (failed.value.status, failed.value.retry_after) == (503, 5)
     await jobs.close()
     assert fleet.cancels == [(CANCEL_ALL, b"message-0")]
+
+
+async def test_without_a_deadline_a_job_waits_and_one_lost_before_starting_is_found() -> None:
+    waiting, _ = stream(Fleet(), deadline=None)
+    assert not waiting.job.expired()
+    with anyio.move_on_after(2 * LIVENESS_TICK) as still_waiting:
+        await waiting.head()
+    assert still_waiting.cancelled_caught
+    fleet = Fleet(queued=False)  # a worker took it, then died before it could start it
+    lost, _ = stream(fleet, deadline=None)
+    with pytest.raises(JobFailed, match="went away"):
+        await lost.head()
+    assert fleet.reruns == [None]
 
 
 async def test_a_worker_that_went_away_mid_stream_fails_it() -> None:

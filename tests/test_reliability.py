@@ -105,6 +105,34 @@ def test_queue_deadline_gives_503_and_the_job_never_runs(make_fleet: Callable[[]
     assert all(b.get("prompt") != "late" for _, _, b in host.requests)
 
 
+def test_without_queue_timeout_a_queued_job_waits_as_long_as_its_client(
+    make_fleet: Callable[[], Fleet],
+) -> None:
+    """QUEUE_TIMEOUT unset, the default: a job queued behind a long generation is queued
+    with no deadline and waits its turn, as in Ollama, which has no time limit."""
+    fleet = make_fleet()
+    host, _ = one_host(fleet, worker=dict(concurrency=1), latency=3)
+    first = occupy(fleet, host)
+    body = {"model": "llama3", "prompt": "late", "stream": False}
+    answers: list[httpx.Response] = []
+    late = background(
+        lambda: answers.append(httpx.post(fleet.url + GENERATE, json=body, timeout=30))
+    )
+    wait_until(lambda: queue_length(fleet, "llama3:latest") == 1, 5, "second job queued")
+    assert queued_deadlines(fleet, "llama3:latest") == [None]
+    late.join(30)
+    first.join(10)
+    assert answers[0].status_code == 200 and answers[0].json()["done"] is True
+    assert [b.get("prompt") for _, p, b in host.requests if p == GENERATE] == [None, "late"]
+
+
+def queued_deadlines(fleet: Fleet, model: str) -> list[object]:
+    """The ``deadline`` of every job waiting in ``model``'s queue (Celery messages)."""
+    with redis.Redis.from_url(fleet.stack.redis_url) as client:
+        messages = client.lrange(model_queue(model), 0, -1)
+    return [json.loads(json.loads(m)["body"])[0][0]["deadline"] for m in messages]
+
+
 def test_backpressure_fails_fast_past_the_queue_depth(make_fleet: Callable[[], Fleet]) -> None:
     fleet = make_fleet()
     host, _ = one_host(fleet, api=dict(max_queue_depth=1), worker=dict(concurrency=1), latency=2)

@@ -106,10 +106,12 @@ class Dispatcher:
         )
 
     async def _enqueue(self, job: Job) -> bytes:
-        """Queue ``job`` with a fresh deadline; its Celery message (to find it again)."""
+        """Queue ``job`` with a fresh deadline (none without ``QUEUE_TIMEOUT``); its Celery
+        message (to find it again)."""
         if not self._inboxes.is_ready:
             raise RedisUnavailable("reconnecting")
-        job.deadline = time.time() + self._queue_timeout
+        timeout = self._queue_timeout
+        job.deadline = None if timeout is None else time.time() + timeout
         message = celery_message(job)
         try:
             depth = await self._enqueue_script(

@@ -48,9 +48,10 @@ class Liveness:
     """Whether a job that has gone quiet is still on its way; asked after each
     ``LIVENESS_TICK`` without a frame.
 
-    Waiting: past its deadline the job times out (``QueueTimeout``). A job that has left
-    its queue (a worker took it) with no ``Start`` ``LOST_AFTER`` seconds after it was
-    queued was lost with a worker that died before it could start it.
+    Waiting: past its deadline, if it has one (``queue_timeout`` None: none), the job times
+    out (``QueueTimeout``). A job that has left its queue (a worker took it) with no
+    ``Start`` ``LOST_AFTER`` seconds after it was queued was lost with a worker that died
+    before it could start it.
     Running: its worker's registry entry expired (the worker died), or no frame, not even
     a ``Ping``, came for ``stall_timeout`` seconds.
     A lost job is a retryable ``Error``: it never reached Ollama, or is no longer running.
@@ -61,7 +62,7 @@ class Liveness:
         *,
         alive: Callable[[str], bool],
         queued: Callable[[Job, bytes], Awaitable[bool]],
-        queue_timeout: float,
+        queue_timeout: float | None,
         stall_timeout: float,
     ) -> None:
         self._alive = alive
@@ -71,7 +72,7 @@ class Liveness:
 
     async def waiting(self, job: Job, message: bytes, waited: float) -> Error | None:
         """A job not started after ``waited`` seconds in its queue; raises ``QueueTimeout``."""
-        if time.time() >= job.deadline:
+        if self._queue_timeout is not None and job.expired():
             raise QueueTimeout(self._queue_timeout)
         if waited < LOST_AFTER or await self._queued(job, message):
             return None
@@ -190,8 +191,9 @@ class JobStream:
                 return frame
 
     def _tick(self) -> float:
-        if self.worker is None:
-            return max(0.0, min(LIVENESS_TICK, self.job.deadline - time.time()))
+        deadline = self.job.deadline
+        if self.worker is None and deadline is not None:
+            return max(0.0, min(LIVENESS_TICK, deadline - time.time()))
         return LIVENESS_TICK
 
     async def _check(self) -> Error | None:
