@@ -1,6 +1,7 @@
 """Bad input never costs a 5xx: every malformed request is a 4xx in its surface's error shape
-(Ollama's ``{"error": "..."}`` on /api, OpenAI's ``{"error": {...}}`` on /v1), and the
-gateway keeps serving afterwards."""
+(Ollama's ``{"error": "..."}`` on /api, Anthropic's ``{"type": "error", "error": {...}}`` on
+/v1/messages, OpenAI's ``{"error": {...}}`` on the rest of /v1), and the gateway keeps
+serving afterwards."""
 
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def assert_error(status: int, content_type: str, content: bytes, path: str) -> N
     assert 400 <= status < 500, (status, content[:300])
     assert content_type.startswith("application/json"), (content_type, content[:300])
     body = orjson.loads(content)
+    if path.startswith("/v1/messages"):  # Ollama's own add a request_id
+        assert body["type"] == "error" and set(body) <= {"type", "error", "request_id"}, body
+        assert set(body["error"]) == {"type", "message"}, body
+        assert all(isinstance(v, str) and v for v in body["error"].values()), body
+        return
     assert list(body) == ["error"], body
     error = body["error"]
     if path.startswith("/v1"):
@@ -96,6 +102,8 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/chat/completions", CHAT, reads=("stream",)),
     Endpoint("POST", "/v1/completions", GOOD, reads=("stream",)),
     Endpoint("POST", "/v1/embeddings", {"model": "llama3", "input": "hi"}),
+    Endpoint("POST", "/v1/messages", {**CHAT, "max_tokens": 16}, reads=("stream",)),
+    Endpoint("POST", "/v1/responses", {"model": "llama3", "input": "hi"}, reads=("stream",)),
 ]
 
 
@@ -177,6 +185,44 @@ def test_bad_bodies_are_rejected(http: httpx.Client, method: str, path: str, bod
     assert_rejected(http.request(method, path, content=body), path)
 
 
+TRANSCRIBE = "/v1/audio/transcriptions"
+
+
+def _form(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
+    """A multipart body and its Content-Type, as httpx (and the openai SDK) write them."""
+    request = httpx.Request("POST", "http://gateway", data=fields, files=files)
+    return request.read(), request.headers["content-type"]
+
+
+AUDIO = {"file": b"RIFF\x24\x00\x00\x00WAVEfmt \xff\xfe"}
+FORM, FORM_TYPE = _form({"model": "llama3"}, AUDIO)
+FORM_CASES: dict[str, tuple[bytes, str]] = {
+    "no-content-type": (FORM, ""),
+    "json": (b'{"model": "llama3"}', "application/json"),
+    "urlencoded": (b"model=llama3", "application/x-www-form-urlencoded"),
+    "no-boundary": (FORM, "multipart/form-data"),
+    "other-boundary": (FORM, "multipart/form-data; boundary=other"),
+    "garbage": (b"\xff" * 64, FORM_TYPE),
+    "empty": (b"", FORM_TYPE),
+    "truncated": (FORM[: len(FORM) // 2], FORM_TYPE),
+    "no-closing-boundary": (FORM[: FORM.rindex(b"--\r\n")], FORM_TYPE),
+    "no-model": _form({}, AUDIO),
+    "empty-model": _form({"model": ""}, AUDIO),
+    **{f"model-{label}": _form({"model": name}, AUDIO) for label, name in BAD_NAMES.items()},
+    "unknown-model": _form({"model": "nope:1b"}, AUDIO),
+    # Ollama's checks (TranscriptionMiddleware), relayed as it answers them.
+    "no-file": _form({"model": "llama3"}, {}),
+    "empty-file": _form({"model": "llama3"}, {"file": b""}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("content", "content_type"), FORM_CASES.values(), ids=list(FORM_CASES))
+def test_bad_uploads_are_rejected(http: httpx.Client, content: bytes, content_type: str) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    assert_rejected(http.post(TRANSCRIBE, content=content, headers=headers), TRANSCRIBE)
+
+
 ROUTING = [
     ("GET", "/api/generate", 405),
     ("GET", "/api/generate/", 405),
@@ -191,6 +237,10 @@ ROUTING = [
     ("GET", "/v1/nope", 404),
     ("POST", "/v1", 404),
     ("GET", "/v1/chat/completions", 405),
+    ("GET", "/v1/messages", 405),
+    ("POST", "/v1/messages/count_tokens", 404),
+    ("GET", "/v1/responses", 405),
+    ("GET", "/v1/audio/transcriptions", 405),
     ("GET", "/v1/models/%FF%FE", 404),
     ("GET", "/v1/models/llama3%00", 404),
     ("GET", "/v1/models/%1B%5B31m", 404),
@@ -258,11 +308,27 @@ def test_a_body_at_the_limit_is_served(small_api: Component) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "path", ["/api/generate", "/api/embed", "/api/pull", "/v1/chat/completions"]
+    "path",
+    [
+        "/api/generate",
+        "/api/embed",
+        "/api/pull",
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/responses",
+    ],
 )
 def test_an_oversized_body_with_content_length_is_413(small_api: Component, path: str) -> None:
     response = httpx.post(small_api.url + path, content=_padded(SMALL_LIMIT + 1))
     assert_rejected(response, path)
+    assert response.status_code == 413
+
+
+@pytest.mark.slow
+def test_an_oversized_upload_is_413(small_api: Component) -> None:
+    files = {"file": ("a.wav", b"\0" * SMALL_LIMIT, "audio/wav")}
+    response = httpx.post(small_api.url + TRANSCRIBE, data={"model": "llama3"}, files=files)
+    assert_rejected(response, TRANSCRIBE)
     assert response.status_code == 413
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import wave
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import IO
@@ -20,6 +23,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 TEXT = "tok0 tok1 tok2 tok3 tok4 "
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+TRANSCRIBE = "/v1/audio/transcriptions"
+_FORM = httpx.Request(
+    "POST", "http://gateway" + TRANSCRIBE, data={"model": "llama3"}, files={"file": b"RIFF\xff"}
+)
+FORM, FORM_TYPE = _FORM.read(), _FORM.headers["content-type"]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +107,83 @@ def test_embeddings_match_the_native_ones(client: openai.OpenAI, fleet: Fleet) -
     assert [d.index for d in reply.data] == [0, 1]
     assert [d.embedding for d in reply.data] == native["embeddings"]
     assert reply.usage.prompt_tokens == 2
+
+
+def test_responses(client: openai.OpenAI, fleet: Fleet) -> None:
+    reply = client.responses.create(model="llama3", input="hello there", instructions="Be brief.")
+    assert reply.output_text == TEXT and reply.status == "completed"
+    assert reply.model == "llama3" and reply.instructions == "Be brief."
+    assert reply.usage is not None and reply.usage.output_tokens == 5
+    assert fleet.standins[0].count("/v1/responses") == 1
+
+
+def test_responses_streaming(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model="llama3", input="hello", stream=True))
+    kinds = [event.type for event in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 5,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    completed = events[-1]
+    assert completed.type == "response.completed" and completed.response.output_text == TEXT
+
+
+def wav(seconds: float = 0.25, rate: int = 16_000) -> bytes:
+    """A mono 16-bit WAV file of a 440 Hz tone: bytes that are neither UTF-8 nor JSON."""
+    frames = int(seconds * rate)
+    samples = (int(12_000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(frames))
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"".join(s.to_bytes(2, "little", signed=True) for s in samples))
+    return buffer.getvalue()
+
+
+def test_transcription_carries_the_audio_byte_for_byte(client: openai.OpenAI, fleet: Fleet) -> None:
+    audio = wav()
+    reply = client.audio.transcriptions.create(
+        model="llama3", file=("hello.wav", audio, "audio/wav"), language="en"
+    )
+    assert reply.text == TEXT.strip()
+    received = [body for _, path, body in fleet.standins[0].requests if path == TRANSCRIBE]
+    assert received[-1]["file"] == audio  # binary-safe through Redis and the worker
+    assert (received[-1]["model"], received[-1]["language"]) == ("llama3", "en")
+    text = client.audio.transcriptions.create(
+        model="llama3", file=("hello.wav", audio), response_format="text"
+    )
+    assert text == TEXT.strip()
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "error"),
+    [
+        (b'{"model": "llama3"}', "application/json", "isn't multipart/form-data"),
+        (b"", "multipart/form-data", "isn't multipart/form-data"),  # no boundary
+        (b"garbage", "multipart/form-data; boundary=b", "failed to parse multipart form"),
+        (FORM[: len(FORM) // 2], FORM_TYPE, "failed to parse multipart form"),
+        (FORM.replace(b'name="model"', b'name="other"'), FORM_TYPE, "model is required"),
+        # Ollama's own checks (middleware/openai.go), relayed as it answers them.
+        (FORM.replace(b'name="file"', b'name="other"'), FORM_TYPE, "file is required"),
+    ],
+)
+def test_bad_transcription_requests_get_openai_shaped_400s(
+    fleet: Fleet, content: bytes, content_type: str, error: str
+) -> None:
+    headers = {"content-type": content_type}
+    response = httpx.post(fleet.url + TRANSCRIBE, content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    detail = response.json()["error"]
+    assert detail["type"] == "invalid_request_error" and error in detail["message"]
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI, fleet: Fleet) -> None:

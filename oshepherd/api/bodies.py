@@ -1,4 +1,5 @@
-"""Reading request bodies: JSON whatever the Content-Type, bounded, checked where we read."""
+"""Reading request bodies, bounded and checked where we read: JSON whatever the Content-Type,
+or a multipart form (an upload, carried on as its exact bytes)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from typing import Any
 
 import orjson
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from oshepherd.api.errors import BadRequest, ContentTooLarge
 
-__all__ = ["Body", "model_name", "read_body", "stream_flag"]
+__all__ = ["Body", "Form", "model_name", "read_body", "read_form", "stream_flag"]
 
 MAX_MODEL_NAME = 512
 
@@ -38,6 +41,92 @@ async def read_body(request: Request, limit: int) -> Body:
     if not isinstance(data, dict):
         raise BadRequest("invalid request body: expected a JSON object")
     return Body(text, data)
+
+
+class Form:
+    """A client's multipart/form-data body: its exact bytes and ``content_type`` (with the
+    boundary), forwarded to Ollama unchanged, and its text ``fields`` (the first value of
+    each name; file parts are not copied)."""
+
+    __slots__ = ("content_type", "fields", "raw")
+
+    def __init__(self, raw: bytes, content_type: str, fields: dict[str, Any]) -> None:
+        self.raw = raw
+        self.content_type = content_type
+        self.fields = fields
+
+
+async def read_form(request: Request, limit: int) -> Form:
+    """The request's multipart form, read whole (at most ``limit`` bytes).
+
+    Raises ``ContentTooLarge``, and ``BadRequest`` when the body is not a complete
+    multipart/form-data message (as Go's ``ParseMultipartForm`` refuses it for Ollama).
+    """
+    content_type = request.headers.get("content-type", "")
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise BadRequest(
+            "failed to parse multipart form: request Content-Type isn't multipart/form-data"
+        )
+    raw = await _read_bounded(request, limit)
+    return Form(raw, content_type, _FormFields(boundary).parse(raw))
+
+
+class _FormFields:
+    """The text fields of a multipart body, parsed by python-multipart's streaming parser."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self._boundary = boundary
+        self.fields: dict[str, Any] = {}
+        self._header = b""
+        self._name: str | None = None  # of the text field being read; None in a file part
+        self._value = bytearray()
+        self._ended = False
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        parser = MultipartParser(
+            self._boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_part_data": self._data,
+                "on_part_end": self._end_part,
+                "on_end": self._end,
+            },
+        )
+        try:
+            parser.write(raw)
+        except MultipartParseError as exc:
+            raise BadRequest(f"failed to parse multipart form: {exc}") from None
+        if not self._ended:
+            raise BadRequest("failed to parse multipart form: unexpected end of body")
+        return self.fields
+
+    def _begin(self) -> None:
+        self._name, self._value = None, bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header = data[start:end].lower()
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        if self._header == b"content-disposition":
+            _, params = parse_options_header(data[start:end])
+            name = params.get(b"name")
+            text_field = name is not None and b"filename" not in params
+            self._name = name.decode(errors="replace") if text_field and name else None
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._name is not None:
+            self._value += data[start:end]
+
+    def _end_part(self) -> None:
+        if self._name is not None:
+            self.fields.setdefault(self._name, self._value.decode(errors="replace"))
+
+    def _end(self) -> None:
+        self._ended = True
 
 
 async def _read_bounded(request: Request, limit: int) -> bytes:

@@ -1,4 +1,5 @@
-"""OpenAI's surface (``/v1``): completions and embeddings are jobs, models come from the registry.
+"""OpenAI's surface (``/v1``): completions, responses, embeddings and transcriptions are jobs,
+models come from the registry.
 
 Workers forward ``/v1`` jobs to their Ollama's own ``/v1`` endpoints, so bodies, SSE events
 and Ollama's errors reach the client as Ollama wrote them; the gateway only routes by
@@ -13,9 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from oshepherd.api.bodies import model_name, read_form
 from oshepherd.api.errors import ModelNotFound, json_response
+from oshepherd.api.gateway import gateway
+from oshepherd.api.relay import RelayResponse
 from oshepherd.api.routes.ollama import forward, healthy_workers, merged
 from oshepherd.models import entry_model, entry_name, normalize
+from oshepherd.protocol import binary_body
 
 __all__ = ["router"]
 
@@ -37,6 +42,28 @@ async def completions(request: Request) -> Response:
 @router.post("/embeddings", response_model=None)
 async def embeddings(request: Request) -> Response:
     return await forward(request, "/v1/embeddings", fields=MODEL_FIELD)
+
+
+@router.post("/responses", response_model=None)
+async def responses(request: Request) -> Response:
+    """The Responses API (what Codex speaks), non-stateful as Ollama's ``openai/responses.go``:
+    ``stream`` omitted means one response object, ``true`` its SSE events."""
+    return await forward(request, "/v1/responses", fields=MODEL_FIELD)
+
+
+@router.post("/audio/transcriptions", response_model=None)
+async def transcriptions(request: Request) -> Response:
+    """A multipart upload (``file``, ``model``, ...) carried to the worker as its exact bytes
+    and Content-Type (``Job.content_type``); Ollama's ``TranscriptionMiddleware`` answers
+    ``{"text": ...}``. Only the ``model`` field is read here, to route it."""
+    gw = gateway(request)
+    form = await read_form(request, gw.settings.max_body_bytes)
+    model = model_name(form.fields, *MODEL_FIELD)
+    body = binary_body(form.raw)
+    stream = await gw.dispatcher.submit(
+        "POST", "/v1/audio/transcriptions", body, model, content_type=form.content_type
+    )
+    return RelayResponse(stream, request.url.path)
 
 
 @router.get("/models", response_model=None)
