@@ -28,6 +28,9 @@ from typing import Any, ClassVar
 import orjson
 
 __all__ = [
+    "BLOB_ACK_SCRIPT",
+    "BLOB_DATA",
+    "BLOB_TTL",
     "CANCEL_ALL",
     "CANCEL_CHANNEL",
     "ENQUEUE_SCRIPT",
@@ -35,6 +38,8 @@ __all__ = [
     "START_SCRIPT",
     "TASK_NAME",
     "WORKERS_INDEX",
+    "BlobAbort",
+    "BlobEnd",
     "Data",
     "End",
     "Error",
@@ -46,8 +51,12 @@ __all__ = [
     "Start",
     "WorkerEntry",
     "binary_body",
+    "blob_acks_key",
+    "blob_chunks_key",
+    "blob_key",
     "cancel_key",
     "celery_message",
+    "decode_blob_part",
     "decode_frame",
     "job_channel",
     "job_channel_pattern",
@@ -127,6 +136,82 @@ return 1
 """
 
 
+# A blob upload (POST /api/blobs/:digest) reaches each target worker as the items of a list
+# of its own: data (the ``BLOB_DATA`` tag, then raw bytes), then ``BlobEnd`` (every byte
+# sent, the digest checked) or ``BlobAbort``. The worker acks each item it takes, so the API
+# keeps at most a small window ahead of the slowest worker. Every key expires ``BLOB_TTL``
+# seconds after the API last refreshed it: an upload whose API went away leaves nothing.
+BLOB_TTL = 15.0  # seconds
+BLOB_DATA = b"d"
+_BLOB_END = b"e"
+_BLOB_ABORT = b"a"
+# A worker took one item of ``upload``: push its id on the upload's acks, only while the
+# upload runs (its key exists), so that a late ack never outlives the upload. KEYS: upload
+# key, acks key. ARGV: worker id, TTL (ms). Returns 0 once the API has dropped the upload.
+BLOB_ACK_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+def blob_key(upload_id: str) -> str:
+    """Exists (with a TTL the API refreshes) while the API runs the upload ``upload_id``."""
+    return f"{PREFIX}:blob:{upload_id}"
+
+
+def blob_chunks_key(upload_id: str, worker_id: str) -> str:
+    """The list of one target worker's items of an upload (see ``BLOB_DATA``)."""
+    return f"{PREFIX}:blob:{upload_id}:chunks:{worker_id}"
+
+
+def blob_acks_key(upload_id: str) -> str:
+    """The list the workers of an upload push their id on, once per item taken."""
+    return f"{PREFIX}:blob:{upload_id}:acks"
+
+
+@dataclass(slots=True, frozen=True)
+class BlobEnd:
+    """The last item of an upload: ``size`` bytes were sent, and their digest is right."""
+
+    size: int
+
+    def encode(self) -> bytes:
+        return _BLOB_END + str(self.size).encode()
+
+
+@dataclass(slots=True, frozen=True)
+class BlobAbort:
+    """The upload stops: the worker fails its job with ``status`` and ``error``, and its
+    Ollama never sees the end of the body (so it keeps nothing)."""
+
+    status: int
+    error: str
+
+    def encode(self) -> bytes:
+        return _BLOB_ABORT + orjson.dumps({"status": self.status, "error": self.error})
+
+
+def decode_blob_part(raw: bytes) -> memoryview | BlobEnd | BlobAbort:
+    """An item of an upload's list: its data (a view, not a copy), or a closing item.
+
+    Raises ``ProtocolError`` for anything else.
+    """
+    tag = raw[:1]
+    if tag == BLOB_DATA:
+        return memoryview(raw)[1:]
+    try:
+        if tag == _BLOB_END:
+            return BlobEnd(int(raw[1:]))
+        if tag == _BLOB_ABORT:
+            why = orjson.loads(raw[1:])
+            return BlobAbort(int(why["status"]), str(why["error"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed blob item: {exc}") from exc
+    raise ProtocolError(f"malformed blob item: unknown tag {tag!r}")
+
+
 def job_channel(api_id: str, job_id: str) -> str:
     """Reply channel of a job. One pattern subscription per API process covers them all."""
     return f"{PREFIX}:job:{api_id}:{job_id}"
@@ -153,6 +238,8 @@ class Job:
     ``content_type`` is empty when ``body`` is JSON text; otherwise it is the media type of
     the bytes ``body`` carries in base64 (``binary_body``: an upload, since Celery messages
     are JSON), and both go to Ollama as the client sent them.
+    ``upload`` names a blob upload whose items (``blob_chunks_key``) are the body, streamed
+    to Ollama as they arrive; empty for every other job.
     """
 
     id: str
@@ -165,6 +252,7 @@ class Job:
     attempt: int = 0
     queue: str = ""
     content_type: str = ""
+    upload: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _JOB_FIELDS}

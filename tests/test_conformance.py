@@ -298,10 +298,9 @@ def test_errors_raise_response_errors(call: Caller, fleet: Fleet) -> None:
     assert info.value.status_code == 404
 
 
-def test_create_blob_is_refused(call: Caller, tmp_path: Path) -> None:
-    # Blobs are model files: the gateway does not carry gigabytes through Redis.
+def test_create_blob_uploads_to_every_host(call: Caller, fleet: Fleet, tmp_path: Path) -> None:
     path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF and then some")
-    with pytest.raises(ollama.ResponseError) as info:
-        call("create_blob", path)
-    assert info.value.status_code == 501 and "not supported" in info.value.error
+    path.write_bytes(f"GGUF from the {call.kind} client".encode())
+    digest = call("create_blob", path)
+    assert all(host.has_blob(digest) for host in fleet.standins)
+    assert call("create_blob", path) == digest  # every host has it: 200, still no error

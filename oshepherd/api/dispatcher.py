@@ -78,9 +78,12 @@ class Dispatcher:
                 raise NoHealthyWorker(model)
         return await self._start(method, path, body, name, model_queue(name), content_type)
 
-    async def submit_to(self, worker_id: str, method: str, path: str, body: str) -> JobStream:
-        """Queue a job for one worker (model management on its host); never re-run."""
-        return await self._start(method, path, body, "", worker_queue(worker_id))
+    async def submit_to(
+        self, worker_id: str, method: str, path: str, body: str, *, upload: str = ""
+    ) -> JobStream:
+        """Queue a job for one worker (model management on its host); never re-run.
+        ``upload`` names the blob upload whose items are the body (``Job.upload``)."""
+        return await self._start(method, path, body, "", worker_queue(worker_id), upload=upload)
 
     async def refresh_registry(self, max_age: float = 0.25) -> None:
         """Refresh the view if older than ``max_age`` seconds; raises ``RedisUnavailable``."""
@@ -90,11 +93,20 @@ class Dispatcher:
             raise RedisUnavailable(exc) from exc
 
     async def _start(
-        self, method: str, path: str, body: str, model: str, queue: str, content_type: str = ""
+        self,
+        method: str,
+        path: str,
+        body: str,
+        model: str,
+        queue: str,
+        content_type: str = "",
+        *,
+        upload: str = "",
     ) -> JobStream:
         job_id = new_id()
         channel = self._inboxes.channel(job_id)
         job = Job(job_id, channel, method, path, body, model, 0.0, 0, queue, content_type)
+        job.upload = upload
         inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
         try:
             message = await self._enqueue(job)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import orjson
@@ -105,12 +106,15 @@ class Fanout:
         self._outcomes: dict[str, Outcome] = {}
         self._merged = ProgressMerge(len(self._workers))
 
-    async def start(self, method: str, path: str, body: str) -> None:
-        """Queue the request for every target; a target that cannot take it has failed."""
+    async def start(self, method: str, path: str, body: str, *, upload: str = "") -> None:
+        """Queue the request for every target; a target that cannot take it has failed.
+
+        ``upload`` names the blob upload whose items are the body (``Job.upload``).
+        """
         self._changes_models = path in MODEL_CHANGING_PATHS
         for worker in self._workers:
             try:
-                stream = await self._d.submit_to(worker, method, path, body)
+                stream = await self._d.submit_to(worker, method, path, body, upload=upload)
             except ApiError as exc:
                 self._events.put_nowait(Outcome(worker, exc.status, exc.message))
                 continue
@@ -145,6 +149,11 @@ class Fanout:
             by_error.setdefault(outcome.error, []).append(outcome.worker)
         where = "; ".join(f"{', '.join(workers)}: {error}" for error, workers in by_error.items())
         return ApiError(failed[0].status, f"{self.action} failed on {where}")
+
+    @property
+    def outcomes(self) -> Mapping[str, Outcome]:
+        """The outcomes ``lines`` has taken so far, by worker (read-only)."""
+        return MappingProxyType(self._outcomes)
 
     async def close(self) -> None:
         """Stop following; every job that did not finish is cancelled."""
@@ -185,7 +194,7 @@ class Fanout:
             return Outcome(worker, status, f"Ollama answered {status}")
         if not succeeded:
             return Outcome(worker, 502, "the progress ended without success")
-        return Outcome(worker)
+        return Outcome(worker, status)
 
 
 class FanoutResponse(WatchedResponse):

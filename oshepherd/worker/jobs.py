@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from oshepherd.connections import raise_if_cancelling
 from oshepherd.protocol import MODEL_CHANGING_PATHS, START_SCRIPT, Job, Start, cancel_key
+from oshepherd.worker.blobs import BlobRelay
 from oshepherd.worker.ollama import OllamaHost, OllamaStreamBroke, OllamaUnreachable
 from oshepherd.worker.outbox import Outbox
 
@@ -39,6 +40,7 @@ class JobRunner:
         self._on_unreachable = on_unreachable
         self._on_models_changed = on_models_changed
         self._start = redis.register_script(START_SCRIPT)
+        self._blobs = BlobRelay(redis, host, worker_id)
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
     async def run(self, job: Job) -> None:
@@ -81,7 +83,7 @@ class JobRunner:
         )
         pump = asyncio.create_task(outbox.pump())
         try:
-            await self._relay(job, outbox)
+            await (self._blobs.relay(job, outbox) if job.upload else self._relay(job, outbox))
             await pump
         finally:
             pump.cancel()

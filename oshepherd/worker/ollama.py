@@ -14,7 +14,7 @@ aiohttp's, the OS's and timeout errors are translated here, once, into two::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 POLL_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+# A request body: its bytes, or chunks streamed as they come (a blob upload).
+RequestBody = bytes | AsyncIterable[bytes | memoryview]
 # What "Ollama did not answer, or broke off" looks like on this hop (TimeoutError is an
 # OSError).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
@@ -131,10 +133,10 @@ class OllamaHost:
 
     @asynccontextmanager
     async def send(
-        self, method: str, path: str, body: bytes, content_type: str
+        self, method: str, path: str, body: RequestBody, content_type: str
     ) -> AsyncIterator[OllamaResponse]:
         """Forward a job's request (``body``: its bytes, sent with ``content_type`` unless
-        empty) and hold its response.
+        empty, or an async iterable of them, streamed as they come) and hold its response.
 
         Raises ``OllamaUnreachable`` when Ollama does not answer; the body's chunks raise
         ``OllamaStreamBroke``. The connection goes back to the pool on exit.

@@ -1,10 +1,10 @@
 """Model management across the fleet: pull, push, create, copy, delete, and blobs.
 
 Each request runs on several workers at once, each against its own Ollama, and the answers
-merge into one (``oshepherd.api.fanout``). By default pull, create and the blob check act
-on every live healthy worker; push, copy and delete on the workers whose host has the
-model. A caller picks the workers itself with the header
-``X-Oshepherd-Workers: <worker id or hostname>,...`` or the query parameter
+merge into one (``oshepherd.api.fanout``). By default pull, create, the blob check and
+the blob upload (``oshepherd.api.blobs``) act on every live healthy worker; push, copy and
+delete on the workers whose host has the model. A caller picks the workers itself with the
+header ``X-Oshepherd-Workers: <worker id or hostname>,...`` or the query parameter
 ``?workers=<worker id or hostname>,...`` (the header wins when both are given); a name
 matching no live worker is a 400.
 """
@@ -17,8 +17,9 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from oshepherd.api.blobs import BlobUpload, BlobUploadResponse
 from oshepherd.api.bodies import model_name, read_body, stream_flag
-from oshepherd.api.errors import ApiError, BadRequest, ModelNotFound, NoHealthyWorker
+from oshepherd.api.errors import BadRequest, ModelNotFound, NoHealthyWorker
 from oshepherd.api.fanout import Answer, Fanout, FanoutResponse
 from oshepherd.api.gateway import Gateway, gateway
 from oshepherd.api.routes.ollama import route
@@ -86,34 +87,17 @@ async def blob_check(request: Request, digest: str) -> Response:
 
 @route("/api/blobs/{digest}", ["POST"], router)
 async def blob_upload(request: Request, digest: str) -> Response:
-    """201 when every target host already has the blob; otherwise 501.
-
-    Jobs carry JSON text through Redis, and a blob is a model file (gigabytes of binary):
-    relaying it would hold every byte in Redis once per host. Upload the blob to each
-    Ollama host directly (``POST /api/blobs/<digest>`` on the host); then ``HEAD`` here
-    answers 200 and ``POST`` 201 without relaying a byte, so ``ollama create`` through the
-    gateway works whether the client checks first (ollama-js, the CLI) or not
-    (ollama-python's ``create_blob``).
+    """Stream the body to every healthy worker's host (or every chosen one), through Redis
+    (``oshepherd.api.blobs``): 201 once every host has the blob (200 when each already
+    had it), else the error of the hosts that failed, e.g. 400 ``blob upload failed on
+    <worker>: digest mismatch, expected "<digest>", got "<digest>"``.
     """
     gw = gateway(request)
     if not DIGEST.fullmatch(digest):
         raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))
-    fanout = Fanout(gw.dispatcher, "blob check", targets, progress=False)
-    await fanout.start("HEAD", f"/api/blobs/{digest}", "")
-    try:
-        async for _ in fanout.lines():
-            pass
-        missing = await fanout.failure()
-    finally:
-        await fanout.close()
-    if missing is None:
-        return Response(status_code=201)
-    raise ApiError(
-        501,
-        "uploading blobs through oshepherd is not supported: POST the blob to each Ollama host "
-        "directly; HEAD /api/blobs/<digest> here answers 200 once every host has it",
-    )
+    upload = BlobUpload(gw.redis, gw.dispatcher, digest, targets)
+    return BlobUploadResponse(upload, request.url.path)
 
 
 async def _progress(request: Request, action: str, *, holders: bool) -> Response:
