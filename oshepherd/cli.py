@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
-from oshepherd.stack import Stack
+from oshepherd.stack import Stack, StartError
 
 __all__ = ["main"]
 
@@ -93,18 +93,36 @@ def start_worker(env_file: Path | None, **overrides: Any) -> None:
 def up(
     ollama_urls: tuple[str, ...], port: int, host: str, concurrency: int, redis_url: str | None
 ) -> None:
-    """Run the whole stack here: Redis (embedded unless given), the API, one worker per host."""
+    """Run the whole stack here: Redis (embedded unless given), the API, one worker per host.
+
+    A part that cannot start (the port is taken, Redis does not answer...) stops the parts
+    already started, and the command fails with one line saying why; so does a part that
+    exits while the stack runs. Ctrl-C or SIGTERM stops the stack cleanly (exit 0).
+    """
     _logging("INFO")
     with Stack(redis_url) as stack:
-        stack.start_redis()
-        where = "embedded" if stack.embedded_redis else "external"
-        log.info("Redis (%s) at %s", where, redacted(stack.redis_url))
-        api = stack.start_api(host=host, port=port)
-        for n, ollama in enumerate(ollama_urls):
-            worker = stack.start_worker(
-                ollama, worker_id=f"{socket.gethostname()}-w{n}", concurrency=concurrency
-            )
-            log.info("worker %s serves %s", worker.meta["id"], ollama)
-        log.info("oshepherd is up at %s; Ctrl-C stops it", api.url)
-        stack.wait()
+        try:
+            _start(stack, ollama_urls, host=host, port=port, concurrency=concurrency)
+        except StartError as exc:
+            raise click.ClickException(f"{exc}; stopped what had started") from exc
+        exited = stack.wait()
         log.info("stopping")
+    if exited is not None:
+        code = exited.process.returncode
+        raise click.ClickException(f"{exited.name} exited with code {code}; stopped the stack")
+
+
+def _start(
+    stack: Stack, ollama_urls: tuple[str, ...], *, host: str, port: int, concurrency: int
+) -> None:
+    """Start every part of ``stack``; raises ``StartError``."""
+    stack.start_redis()
+    where = "embedded" if stack.embedded_redis else "external"
+    log.info("Redis (%s) at %s", where, redacted(stack.redis_url))
+    api = stack.start_api(host=host, port=port)
+    for n, ollama in enumerate(ollama_urls):
+        worker = stack.start_worker(
+            ollama, worker_id=f"{socket.gethostname()}-w{n}", concurrency=concurrency
+        )
+        log.info("worker %s serves %s", worker.meta["id"], ollama)
+    log.info("oshepherd is up at %s; Ctrl-C stops it", api.url)

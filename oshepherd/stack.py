@@ -9,8 +9,10 @@ one wait for a condition, of the stack, the tests and the benchmarks alike.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 import httpx
+import psutil
 import redis
 
-from oshepherd.config import env_names
+from oshepherd.config import env_names, redacted
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import EmbeddedRedis, free_port
 
-__all__ = ["Component", "Stack", "answers", "wait_until"]
+__all__ = ["Component", "Stack", "StartError", "answers", "listens", "wait_until"]
 
 _T = TypeVar("_T")
 # What a component that is still starting, or a Redis coming back, answers: not yet.
@@ -103,10 +106,38 @@ class Component:
             raise
 
 
+class StartError(RuntimeError):
+    """A part of the stack did not start; the message says which and why, in one line."""
+
+
 def answers(url: str) -> bool:
     """Whether the HTTP server at base ``url`` answers ``GET /`` with 200 within a second
     (the API and Ollama both do once up); httpx errors propagate."""
     return httpx.get(url + "/", timeout=1).status_code == 200
+
+
+def listens(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` itself has a listening TCP socket on ``port``: what answers
+    there is that process, not another server that had the port first."""
+    try:
+        sockets = psutil.Process(process.pid).net_connections(kind="inet")
+    except psutil.Error:
+        return False
+    return any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise ``StartError`` if ``host:port`` cannot be bound (taken, or no such address),
+    as the API's server would find when it binds it (with ``SO_REUSEADDR``, as uvicorn)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartError(f"port {port} on {host} is already in use") from exc
+            raise StartError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 class Stack:
@@ -117,10 +148,22 @@ class Stack:
         self._log = log
 
     def start_redis(self) -> str:
-        """Start an embedded Redis unless a URL was given; returns the URL in use."""
-        if not self.redis_url:
-            self._embedded = EmbeddedRedis().start()
-            self.redis_url = self._embedded.url
+        """Start an embedded Redis unless a URL was given, else check that Redis answers;
+        returns the URL in use. Raises ``StartError``."""
+        if self.redis_url:
+            try:
+                with redis.Redis.from_url(self.redis_url, socket_connect_timeout=5) as client:
+                    client.ping()
+            except redis.RedisError as exc:
+                where = redacted(self.redis_url)
+                raise StartError(f"Redis at {where} does not answer: {exc}") from exc
+            return self.redis_url
+        self._embedded = EmbeddedRedis()  # before it starts: stop() closes it in any case
+        try:
+            self._embedded.start()
+        except (RuntimeError, redis.RedisError) as exc:
+            raise StartError(f"the embedded Redis did not start: {exc}") from exc
+        self.redis_url = self._embedded.url
         return self.redis_url
 
     @property
@@ -129,11 +172,15 @@ class Stack:
 
     def start_api(self, *, host: str = "127.0.0.1", port: int | None = None, wait: float = 20.0,
                   **settings: Any) -> Component:  # fmt: skip
+        """The API on ``host:port`` (a free port if None), once it listens there itself and
+        answers. Raises ``StartError``: the port is taken, or the API exited or was not
+        ready within ``wait`` seconds."""
         port = port or free_port()
+        _check_port(host, port)
         env = self._env(HOST=host, PORT=port, **settings)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         api = self._spawn("api", ["start-api"], env, url=url)
-        api.wait_ready(lambda: answers(url), wait)
+        _ready(api, lambda: listens(api.process, port) and answers(url), wait)
         return api
 
     def start_worker(self, ollama_url: str, *, worker_id: str | None = None, wait: float = 30.0,
@@ -141,7 +188,7 @@ class Stack:
         worker_id = worker_id or f"worker-{len(self.components)}-{os.getpid()}"
         env = self._env(OLLAMA_BASE_URL=ollama_url, WORKER_ID=worker_id, **settings)
         worker = self._spawn(worker_id, ["start-worker"], env, meta={"id": worker_id})
-        worker.wait_ready(lambda: self._registered(worker_id), wait)
+        _ready(worker, lambda: self._registered(worker_id), wait)
         return worker
 
     def _registered(self, worker_id: str) -> bool:
@@ -165,18 +212,21 @@ class Stack:
         self.components.append(component)
         return component
 
-    def wait(self) -> None:
-        """Block until Ctrl-C, SIGTERM, or any component exits."""
+    def wait(self) -> Component | None:
+        """Block until Ctrl-C or SIGTERM (None), or until a component exits (that one)."""
 
         def on_term(signum: int, frame: object) -> None:
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, on_term)
         try:
-            while all(c.alive() for c in self.components):
+            while True:
+                exited = [c for c in self.components if not c.alive()]
+                if exited:
+                    return exited[0]
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            pass
+            return None
         finally:
             signal.signal(signal.SIGTERM, previous)
 
@@ -196,6 +246,17 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ready(component: Component, ready: Callable[[], object], timeout: float) -> None:
+    """``component.wait_ready``, its failure as a ``StartError`` naming the component."""
+    try:
+        component.wait_ready(ready, timeout)
+    except RuntimeError as exc:
+        code = component.process.returncode
+        raise StartError(f"{component.name} exited with code {code} before it was ready") from exc
+    except TimeoutError as exc:
+        raise StartError(f"{component.name} was not ready within {timeout:g}s") from exc
 
 
 def _die_with_parent() -> None:

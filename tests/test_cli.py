@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -50,6 +52,61 @@ def test_up_runs_the_whole_stack_with_an_embedded_redis_and_stops_it(host: Stand
         assert len(children) >= 3  # redis-server, the API, a worker
         up.send_signal(signal.SIGINT)  # Ctrl-C
         assert up.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def up_command(host: StandIn, port: int, *extra: str) -> list[str]:
+    """``oshepherd up`` for ``host`` on ``port``, with ``extra`` options."""
+    options = ["--ollama", host.url, "--port", str(port), *extra]
+    return [sys.executable, "-m", "oshepherd", "up", *options]
+
+
+def test_up_with_its_port_taken_stops_what_it_started_and_fails_in_one_line(
+    host: StandIn,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            up_command(host, port), env=clean_env(), capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "is up" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"Error: port {port} on 127.0.0.1 is already in use; stopped what had started"
+    redis_port = int(re.findall(r"Redis \(embedded\) at redis://127.0.0.1:(\d+)", result.stderr)[0])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
+
+
+def test_up_with_a_redis_that_does_not_answer_fails_in_one_line(host: StandIn) -> None:
+    command = up_command(host, free_port(), "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: Redis at redis://127.0.0.1:")
+
+
+def test_up_fails_when_a_part_dies_and_stops_the_rest(host: StandIn, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "up.log"
+    with log.open("w") as stderr:  # the stack's logs too: a pipe nobody reads would fill
+        up = subprocess.Popen(up_command(host, port), env=clean_env(), stderr=stderr)
+    try:
+        wait_until(lambda: tag_names(f"http://127.0.0.1:{port}") == {"llama3:latest"}, 40, "up")
+        children = psutil.Process(up.pid).children(recursive=True)
+        api = next(c for c in children if "start-api" in c.cmdline())
+        api.kill()
+        assert up.wait(timeout=60) == 1
+        output = log.read_text()
+        assert "Traceback" not in output
+        assert (
+            output.strip().splitlines()[-1] == "Error: api exited with code -9; stopped the stack"
+        )
         _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
     finally:
