@@ -34,9 +34,11 @@ __all__ = [
     "CANCEL_ALL",
     "CANCEL_CHANNEL",
     "ENQUEUE_SCRIPT",
+    "LOAD",
     "MODEL_CHANGING_PATHS",
     "START_SCRIPT",
     "TASK_NAME",
+    "UNLOAD",
     "WORKERS_INDEX",
     "BlobAbort",
     "BlobEnd",
@@ -75,6 +77,8 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"  # one channel; the message is the job id
 # Jobs on these paths change what a host holds: the worker re-registers before it answers,
 # so the API's next look at the registry sees the change.
 MODEL_CHANGING_PATHS = frozenset({"/api/pull", "/api/create", "/api/copy", "/api/delete"})
+# ``Job.residency`` of a job that loads or unloads its model (what the host has in memory).
+LOAD, UNLOAD = "load", "unload"
 
 
 class ProtocolError(ValueError):
@@ -235,6 +239,9 @@ class Job:
     ``deadline`` is the latest start, in epoch seconds, or None (JSON null): no limit, the
     job waits as long as its client does (``QUEUE_TIMEOUT`` unset, as Ollama has none);
     ``queue`` is where it waits.
+    ``residency`` is ``LOAD`` or ``UNLOAD`` when the job only loads or unloads its model
+    on the host (a generate or chat without prompt or messages): the worker then re-polls
+    its host and re-registers before it ends the answer. Empty for every other job.
     ``content_type`` is empty when ``body`` is JSON text; otherwise it is the media type of
     the bytes ``body`` carries in base64 (``binary_body``: an upload, since Celery messages
     are JSON), and both go to Ollama as the client sent them.
@@ -251,6 +258,7 @@ class Job:
     deadline: float | None
     attempt: int = 0
     queue: str = ""
+    residency: str = ""
     content_type: str = ""
     upload: str = ""
 

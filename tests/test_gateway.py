@@ -11,12 +11,19 @@ import httpx
 import ollama
 import pytest
 
+from oshepherd import durations
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
+from oshepherd.testing.standin import StandIn
 from tests.conftest import tag_names, two_hosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+# What `ollama stop shared:7b` sends (cmd/cmd.go loadOrUnloadModel: api.GenerateRequest with
+# a zero api.Duration, marshalled as "0s"; the Go client reads the answer as a stream).
+STOP = b'{"model":"shared:7b","prompt":"","suffix":"","system":"","template":"",' \
+       b'"keep_alive":"0s","options":null}'  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +186,101 @@ def test_workers_follow_models_pulled_and_deleted_on_their_host(
     with pytest.raises(ollama.ResponseError) as info:
         client.generate(model="fresh:1b", prompt="x")
     assert info.value.status_code == 404
+
+
+def running(fleet: Fleet) -> dict[str, int]:
+    """The gateway's /api/ps: how many workers run each model."""
+    models = httpx.get(fleet.url + "/api/ps", timeout=5).json()["models"]
+    return {m["model"]: len(m["workers"]) for m in models}
+
+
+def host_running(host: StandIn) -> list[str]:
+    return [m["model"] for m in httpx.get(host.url + "/api/ps", timeout=5).json()["models"]]
+
+
+def unloads(host: StandIn) -> int:
+    """How many unloads reached ``host`` (generate or chat with keep_alive 0)."""
+    return sum(
+        1
+        for _, path, body in list(host.requests)
+        if path in ("/api/generate", "/api/chat") and durations.is_zero(body.get("keep_alive"))
+    )
+
+
+def test_ollama_stop_frees_the_model_on_every_host(client: ollama.Client, fleet: Fleet) -> None:
+    a, b = fleet.standins
+    for host in (a, b):  # a generation on each host loaded it there
+        loaded = httpx.post(host.url + "/api/generate", json={"model": "shared:7b"}, timeout=5)
+        assert loaded.json()["done_reason"] == "load"
+    wait_until(lambda: running(fleet).get("shared:7b") == 2, 10, "shared:7b running on both")
+    # Ollama answers the unload, then its scheduler frees the model.
+    a.unload_delay = b.unload_delay = 0.3
+    try:
+        with httpx.stream("POST", fleet.url + "/api/generate", content=STOP, timeout=10) as reply:
+            assert reply.status_code == 200
+            assert reply.headers["content-type"] == "application/json; charset=utf-8"
+            answer = json.loads(reply.read())
+    finally:
+        a.unload_delay = b.unload_delay = 0.0
+    assert answer["done_reason"] == "unload" and answer["done"] is True
+    assert (answer["model"], answer["response"]) == ("shared:7b", "")
+    assert unloads(a) == unloads(b) == 1
+    # At once, not a heartbeat later: the fleet and each host list it nowhere.
+    assert "shared:7b" not in running(fleet)
+    assert "shared:7b" not in host_running(a) + host_running(b)
+    # Loaded nowhere: one holder answers, as Ollama would.
+    assert client.generate(model="shared:7b", keep_alive=0).done_reason == "unload"
+    assert unloads(a) + unloads(b) == 3
+
+
+def test_ollama_python_stop_and_a_chat_unload(client: ollama.Client, fleet: Fleet) -> None:
+    a, b = fleet.standins
+    with ThreadPoolExecutor(2) as pool:  # the first generation on each host loads it there
+        assert all(pool.map(lambda h: _load_directly(h, "shared:7b"), (a, b)))
+    wait_until(lambda: running(fleet).get("shared:7b") == 2, 10, "shared:7b running on both")
+    reply = client.chat(model="shared:7b", messages=[], keep_alive="0m", stream=True)
+    parts = list(reply)
+    assert len(parts) == 1 and parts[0].done_reason == "unload"
+    assert parts[0].message.role == "assistant" and parts[0].message.content == ""
+    assert unloads(a) == unloads(b) == 1
+    assert "shared:7b" not in running(fleet)
+
+
+def _load_directly(host: StandIn, model: str) -> bool:
+    return bool(httpx.post(host.url + "/api/chat", json={"model": model}).json()["done"])
+
+
+def test_a_load_and_an_unload_show_in_ps_at_once(client: ollama.Client, fleet: Fleet) -> None:
+    assert client.generate(model="llama3", keep_alive=0).done_reason == "unload"
+    assert "llama3:latest" not in running(fleet)
+    assert client.generate(model="llama3").done_reason == "load"
+    assert running(fleet).get("llama3:latest") == 1  # not a heartbeat later
+    assert "llama3:latest" in {m.model for m in client.ps().models}
+    assert client.chat(model="llama3", messages=[], keep_alive=0.0).done_reason == "unload"
+    assert "llama3:latest" not in running(fleet)
+
+
+def test_each_line_leaves_as_its_own_chunk(fleet: Fleet) -> None:
+    """Ollama flushes every NDJSON line (and SSE event) on its own; clients that parse each
+    read as one object rely on it. Many fast tokens reach the worker in bursts."""
+    a = fleet.standins[0]
+    a.tokens = 300
+    try:
+        ndjson = _reads(fleet, "/api/generate", {"model": "llama3", "prompt": "x"})
+        sse = _reads(fleet, "/v1/chat/completions", {"model": "llama3", "stream": True,
+                     "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+    finally:
+        a.tokens = 5
+    for reads, end in ((ndjson, b"\n"), (sse, b"\n\n")):
+        body = b"".join(reads)
+        assert body.count(end) > 300
+        # A line or event ends only where a chunk ends (a chunk may arrive in two reads).
+        assert all(read.find(end) in (-1, len(read) - len(end)) for read in reads)
+    assert json.loads(b"".join(ndjson).splitlines()[-1])["done"] is True
+
+
+def _reads(fleet: Fleet, path: str, body: dict[str, object]) -> list[bytes]:
+    """The HTTP chunks of a streamed answer, as the client's reads get them."""
+    with httpx.stream("POST", fleet.url + path, json=body, timeout=10) as response:
+        assert response.status_code == 200
+        return [piece for piece in response.iter_raw() if piece]

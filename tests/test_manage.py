@@ -82,6 +82,26 @@ def test_merged_lines_on_the_wire(fleet: Fleet) -> None:
     assert layer["workers"] == 2 and layer["total"] == layer["completed"] == 2000
 
 
+def test_progress_from_hosts_of_different_speeds_never_goes_backwards(fleet: Fleet) -> None:
+    b = fleet.standins[1]
+    b.progress_delay = 0.05  # alpha's host is done before beta's has begun its layer
+    try:
+        response = httpx.post(fleet.url + "/api/pull", json={"model": "paced:1b"}, timeout=30)
+    finally:
+        b.progress_delay = 0.0
+    lines = ndjson(response)
+    statuses = [line.get("status") for line in lines]
+    layers = [(i, line) for i, line in enumerate(lines) if "digest" in line]
+    assert [line["total"] for _, line in layers] == [2000] * len(layers)
+    completed = [line["completed"] for _, line in layers]
+    assert completed == sorted(completed) and completed[-1] == 2000
+    assert any(line["workers"] == 1 for _, line in layers)  # beta had not begun
+    # The tail comes once, after every host has every layer; success last.
+    tail = ["verifying sha256 digest", "writing manifest", "success"]
+    assert statuses[layers[-1][0] + 1 :] == tail
+    assert all(statuses.count(status) == 1 for status in ["pulling manifest", *tail])
+
+
 def test_pull_without_stream_answers_only_the_end(client: ollama.Client, fleet: Fleet) -> None:
     reply = client.pull("quiet:2b", stream=False)
     assert reply.status == "success"

@@ -61,10 +61,18 @@ class Dispatcher:
         )
 
     async def submit(
-        self, method: str, path: str, body: str, model: str, *, content_type: str = ""
+        self,
+        method: str,
+        path: str,
+        body: str,
+        model: str,
+        *,
+        residency: str = "",
+        content_type: str = "",
     ) -> JobStream:
-        """Queue a job for a worker holding ``model`` (as the client wrote it);
-        ``content_type`` marks a body that is not JSON (``Job.content_type``).
+        """Queue a job for a worker holding ``model`` (as the client wrote it); ``residency``
+        marks a load or unload (``Job.residency``), ``content_type`` a body that is not JSON
+        (``Job.content_type``).
 
         Raises ``ModelNotFound`` when no live worker has it, ``NoHealthyWorker`` when none
         of those answers, ``QueueFull`` and ``RedisUnavailable``.
@@ -76,14 +84,23 @@ class Dispatcher:
                 raise ModelNotFound(model)
             if not self._registry.healthy_holders(name):
                 raise NoHealthyWorker(model)
-        return await self._start(method, path, body, name, model_queue(name), content_type)
+        queue = model_queue(name)
+        return await self._start(method, path, body, name, queue, residency, content_type)
 
     async def submit_to(
-        self, worker_id: str, method: str, path: str, body: str, *, upload: str = ""
+        self,
+        worker_id: str,
+        method: str,
+        path: str,
+        body: str,
+        *,
+        residency: str = "",
+        upload: str = "",
     ) -> JobStream:
         """Queue a job for one worker (model management on its host); never re-run.
         ``upload`` names the blob upload whose items are the body (``Job.upload``)."""
-        return await self._start(method, path, body, "", worker_queue(worker_id), upload=upload)
+        queue = worker_queue(worker_id)
+        return await self._start(method, path, body, "", queue, residency, upload=upload)
 
     async def refresh_registry(self, max_age: float = 0.25) -> None:
         """Refresh the view if older than ``max_age`` seconds; raises ``RedisUnavailable``."""
@@ -99,13 +116,16 @@ class Dispatcher:
         body: str,
         model: str,
         queue: str,
+        residency: str,
         content_type: str = "",
         *,
         upload: str = "",
     ) -> JobStream:
         job_id = new_id()
         channel = self._inboxes.channel(job_id)
-        job = Job(job_id, channel, method, path, body, model, 0.0, 0, queue, content_type)
+        job = Job(
+            job_id, channel, method, path, body, model, 0.0, 0, queue, residency, content_type
+        )
         job.upload = upload
         inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
         try:

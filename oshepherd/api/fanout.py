@@ -3,18 +3,16 @@
 Each target worker runs the request against its own Ollama (a job on the worker's own
 queue). Their answers merge into one:
 
-* Progress (pull, push, create) is one NDJSON stream, each line sent as it arrives, so a
-  slow host never holds back the others. A line with a ``digest`` carries the sums over the
-  workers: ``total`` (a worker that has not reported the layer yet counts as the largest
-  total seen, so the bar's length is right from its first line), ``completed``, and
-  ``workers``, how many have reported it; ``status`` and other fields are those of the line
-  that just arrived. A line without a digest ("pulling manifest") is sent once, the first
-  time any worker reports it. The workers' own ``success`` lines are held back: the stream
-  ends with ``{"status": "success"}`` only when every target succeeded, otherwise with
+* Progress (pull, push, create) is one NDJSON stream that never goes backwards (see
+  ``ProgressMerge``). Layer lines are sent as they arrive, so a slow host never holds back
+  the others' bars; the workers' own ``success`` lines are held back: the stream ends with
+  ``{"status": "success"}`` only when every target succeeded, otherwise with
   ``{"error": "pull failed on <worker>: <error>; ..."}``.
 * If nothing was sent before the end (every target failed at once, ``stream: false``, copy,
   delete), the answer is an HTTP status: 200 when all succeeded, else the first failed
   target's status with the same message.
+* An unload answers as one Ollama does: the first target's own answer (status, content
+  type and body), once every target has answered.
 
 A client that hangs up cancels every sub-job.
 """
@@ -45,43 +43,88 @@ log = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 SUCCESS = {"status": "success"}
 SUCCESS_LINE = orjson.dumps(SUCCESS) + b"\n"
-# How the answer is shaped: an NDJSON stream, the final object alone, or an empty 200.
-Answer = Literal["stream", "object", "empty"]
+# How the answer is shaped: an NDJSON stream, the final object alone, an empty 200, or the
+# first target's own answer.
+Answer = Literal["stream", "object", "empty", "first"]
 
 
 @dataclass(slots=True)
 class Outcome:
-    """How one target's job ended; ``error`` is empty on success."""
+    """How one target's job ended; ``error`` is empty on success. A job without progress
+    keeps Ollama's ``body`` and ``content_type``."""
 
     worker: str
     status: int = 200
     error: str = ""
+    body: bytes = b""
+    content_type: str = ""
 
 
 class ProgressMerge:
-    """The progress lines of several workers, as one stream (see the module's docstring)."""
+    """The progress lines of several workers, as one stream that never goes backwards.
+
+    * A line with a ``digest`` carries the sums over the workers: ``total`` (a worker that
+      has not reported the layer yet counts as the largest total seen, so the bar's length
+      is right from its first line), ``completed``, and ``workers``, how many have
+      reported it; ``status`` and other fields are those of the line that just arrived.
+      Per digest, neither ``total`` nor ``completed`` ever drops below what was sent.
+    * A line without a digest is sent once for the fleet. A worker's first line
+      ("pulling manifest") goes at once; any later one ("verifying sha256 digest",
+      "writing manifest") is held back until every target has sent it or ended, so that it
+      comes after every host has every layer. Held lines leave in the order they came.
+    """
 
     def __init__(self, workers: int) -> None:
         self._workers = workers
         self._layers: dict[str, dict[str, tuple[int, int]]] = {}  # digest: worker: sizes
-        self._said: set[str] = set()
+        self._sent: dict[str, tuple[int, int]] = {}  # digest: the total and completed sent
+        self._senders: dict[str, set[str]] = {}  # status without a digest: who sent it
+        self._held: list[tuple[str, dict[str, Any]]] = []  # (status, line), oldest first
+        self._started: set[str] = set()
+        self._ended: set[str] = set()
 
-    def merge(self, worker: str, line: dict[str, Any]) -> bytes | None:
-        """The NDJSON line to send for ``worker``'s ``line``, or None (said already)."""
-        digest = line.get("digest")
-        if not digest:
-            status = str(line.get("status", ""))
-            if status in self._said:
-                return None
-            self._said.add(status)
-            return orjson.dumps(line) + b"\n"
-        layer = self._layers.setdefault(str(digest), {})
+    def merge(self, worker: str, line: dict[str, Any]) -> list[bytes]:
+        """The NDJSON lines to send now that ``worker`` sent ``line`` (maybe none)."""
+        first = worker not in self._started
+        self._started.add(worker)
+        if digest := line.get("digest"):
+            return [self._layer(worker, str(digest), line)]
+        status = str(line.get("status", ""))
+        senders = self._senders.get(status)
+        if senders is not None:
+            senders.add(worker)
+            return self._release()
+        self._senders[status] = {worker}
+        if first:
+            return [orjson.dumps(line) + b"\n"]
+        self._held.append((status, line))
+        return self._release()
+
+    def end(self, worker: str) -> list[bytes]:
+        """The held lines to send now that ``worker`` will send no more."""
+        self._ended.add(worker)
+        return self._release()
+
+    def _layer(self, worker: str, digest: str, line: dict[str, Any]) -> bytes:
+        layer = self._layers.setdefault(digest, {})
         layer[worker] = (_count(line.get("total")), _count(line.get("completed")))
         totals = [total for total, _ in layer.values()]
-        total = sum(totals) + (self._workers - len(layer)) * max(totals)
-        completed = sum(done for _, done in layer.values())
+        sent_total, sent_completed = self._sent.get(digest, (0, 0))
+        total = max(sum(totals) + (self._workers - len(layer)) * max(totals), sent_total)
+        completed = max(sum(done for _, done in layer.values()), sent_completed)
+        self._sent[digest] = (total, completed)
         merged = {**line, "total": total, "completed": completed, "workers": len(layer)}
         return orjson.dumps(merged) + b"\n"
+
+    def _release(self) -> list[bytes]:
+        out: list[bytes] = []
+        while self._held:
+            status, line = self._held[0]
+            if len(self._senders[status] | self._ended) < self._workers:
+                break
+            del self._held[0]
+            out.append(orjson.dumps(line) + b"\n")
+        return out
 
 
 class Fanout:
@@ -106,15 +149,20 @@ class Fanout:
         self._outcomes: dict[str, Outcome] = {}
         self._merged = ProgressMerge(len(self._workers))
 
-    async def start(self, method: str, path: str, body: str, *, upload: str = "") -> None:
+    async def start(
+        self, method: str, path: str, body: str, *, residency: str = "", upload: str = ""
+    ) -> None:
         """Queue the request for every target; a target that cannot take it has failed.
 
-        ``upload`` names the blob upload whose items are the body (``Job.upload``).
+        ``residency`` marks a load or unload (``Job.residency``), ``upload`` names the
+        blob upload whose items are the body (``Job.upload``).
         """
-        self._changes_models = path in MODEL_CHANGING_PATHS
+        self._changes_models = path in MODEL_CHANGING_PATHS or bool(residency)
         for worker in self._workers:
             try:
-                stream = await self._d.submit_to(worker, method, path, body, upload=upload)
+                stream = await self._d.submit_to(
+                    worker, method, path, body, residency=residency, upload=upload
+                )
             except ApiError as exc:
                 self._events.put_nowait(Outcome(worker, exc.status, exc.message))
                 continue
@@ -130,7 +178,10 @@ class Fanout:
                 self._outcomes[event.worker] = event
                 if event.error:
                     log.warning("%s failed on %s: %s", self.action, event.worker, event.error)
-            elif (line := self._merged.merge(*event)) is not None:
+                lines = self._merged.end(event.worker)
+            else:
+                lines = self._merged.merge(*event)
+            for line in lines:
                 yield line
 
     async def failure(self) -> ApiError | None:
@@ -155,6 +206,10 @@ class Fanout:
         """The outcomes ``lines`` has taken so far, by worker (read-only)."""
         return MappingProxyType(self._outcomes)
 
+    def first(self) -> Outcome:
+        """After ``lines``: the first target's outcome (Ollama's answer on its host)."""
+        return self._outcomes[self._workers[0]]
+
     async def close(self) -> None:
         """Stop following; every job that did not finish is cancelled."""
         for task in self._tasks:
@@ -174,13 +229,18 @@ class Fanout:
         self._events.put_nowait(outcome)
 
     async def _read(self, worker: str, stream: JobStream) -> Outcome:
-        """Pass the worker's progress lines on; its ``success`` or error decides the outcome."""
+        """Pass the worker's progress lines on; its ``success`` or error decides the outcome.
+        Without progress, a 2xx answer is kept whole."""
         head = await stream.head()
         status = head.status
         frame: Head | Data | End = head
-        succeeded = status < 400 and not self._progress
+        kept = bytearray()
+        keep = status < 400 and not self._progress
+        succeeded = keep
         while True:
-            for line in _lines(frame.body):
+            if keep:
+                kept += frame.body
+            for line in () if keep else _lines(frame.body):
                 if status >= 400 or "error" in line:
                     return Outcome(worker, status if status >= 400 else 500, str(line.get("error")))
                 if line.get("status") == "success":
@@ -194,7 +254,7 @@ class Fanout:
             return Outcome(worker, status, f"Ollama answered {status}")
         if not succeeded:
             return Outcome(worker, 502, "the progress ended without success")
-        return Outcome(worker, status)
+        return Outcome(worker, status, body=bytes(kept), content_type=head.content_type)
 
 
 class FanoutResponse(WatchedResponse):
@@ -233,6 +293,9 @@ class FanoutResponse(WatchedResponse):
         """The whole answer when no progress line was sent."""
         if failure is not None:
             return error_response(self.path, failure)
+        if self._answer == "first":
+            first = self._fanout.first()
+            return Response(first.body, first.status, media_type=first.content_type or None)
         if self._answer == "stream":
             return Response(SUCCESS_LINE, media_type=NDJSON)
         if self._answer == "object":

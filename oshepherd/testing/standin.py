@@ -29,10 +29,11 @@ import uvicorn
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
+from oshepherd import durations
 from oshepherd.stack import wait_until
 from oshepherd.testing import compat
 
@@ -41,6 +42,7 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 FORM_PATH = "/v1/audio/transcriptions"  # the one route whose body is a multipart form
 SIZE = 4_661_224_676
+FOREVER = (1 << 63) / 1e9  # seconds: the longest Go time.Duration
 BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")  # manifest.BlobsPath's check
 DETAILS = {
     "parent_model": "",
@@ -75,6 +77,16 @@ def _name(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Fail(400, "model is required")
     return value
+
+
+def _expiry(keep_alive: Any) -> datetime:
+    """When a model loaded with `keep_alive` unloads (Ollama's default: 5 minutes; a negative
+    one: never, which Go's time.Duration caps near 292 years). Invalid: Ollama's 400."""
+    try:
+        seconds = durations.seconds(300 if keep_alive is None else keep_alive)
+    except ValueError as exc:
+        raise _Fail(400, str(exc)) from None
+    return datetime.now(UTC) + timedelta(seconds=min(seconds, FOREVER))
 
 
 def _now() -> str:
@@ -210,9 +222,12 @@ class _Reply:
 class StandIn:
     """A fake Ollama host served by uvicorn on a background thread.
 
-    Tests may change `models`, `latency`, `token_delay`, `tokens` and `max_parallel` at any
-    time. `active` counts inference requests from arrival (including those queued behind
-    `max_parallel`) to their end; each then counts as `completed` or as one of `disconnects`.
+    Tests may change `models`, `latency`, `token_delay`, `tokens`, `max_parallel` and
+    `unload_delay` (seconds a model stays listed by /api/ps after Ollama answered its unload:
+    its scheduler frees it in the background) and `progress_delay` (seconds between two lines
+    of pull, push or create progress) at any time. `active` counts inference
+    requests from arrival (including those queued behind `max_parallel`) to their end; each
+    then counts as `completed` or as one of `disconnects`.
     """
 
     def __init__(
@@ -232,6 +247,7 @@ class StandIn:
         self.port, self.latency, self.token_delay, self.tokens = port, latency, token_delay, tokens
         self.max_parallel, self.version, self.embed_dim = max_parallel, version, embed_dim
         self.name = name
+        self.unload_delay = self.progress_delay = 0.0
         # /api/status: "none" (cloud enabled), or "env", "config", "both": disabled by
         # OLLAMA_NO_CLOUD and/or server.json (Ollama's envconfig.NoCloudSource).
         self.cloud_source = "none"
@@ -240,7 +256,7 @@ class StandIn:
         self._lock = threading.Lock()
         self._faults: list[Any] = []  # [status, error, remaining]
         self._cuts: list[Any] = []  # [error, after, remaining]
-        self._loaded: dict[str, None] = {}
+        self._loaded: dict[str, datetime] = {}  # model: when its keep_alive runs out
         self._blobs: set[str] = set()
         self._ids = itertools.count(1)
         self._born = _now()
@@ -383,15 +399,22 @@ class StandIn:
             raise _Fail(404, f"model '{name}' not found")
         return found
 
-    def _admit(self, name: Any, *, load: bool = True) -> str:
-        """Validate a model-bound request: model given, no injected fault, model known."""
+    def _admit(self, name: Any, *, load: bool = True, keep_alive: Any = None) -> str:
+        """Validate a model-bound request: keep_alive valid, model given, no injected fault,
+        model known. `load`: the model stays loaded for `keep_alive` (default 5 minutes)."""
+        expires = _expiry(keep_alive)
         _name(name)
         if fault := self._take(self._faults):
             raise _Fail(fault[0], fault[1])
         found = self._known(name)
         if load:
-            self._loaded[found] = None
+            self._loaded[found] = expires
         return found
+
+    def _unload(self, name: str) -> None:
+        """Ollama's expireRunner: the model goes once the scheduler has freed it."""
+        if name in self._loaded:
+            self._loaded[name] = datetime.now(UTC) + timedelta(seconds=self.unload_delay)
 
     def _add(self, name: str) -> None:
         if self._find(name) is None:
@@ -452,11 +475,18 @@ class StandIn:
             "eval_duration": took + 1000,
         }
 
+    def _admit_native(self, body: Body, field: str) -> str:
+        """`_admit` a generate or chat; an unload (nothing in `field`, keep_alive zero, as
+        Ollama tests it) does not load the model."""
+        keep_alive = body.get("keep_alive")
+        unload = not body.get(field) and durations.is_zero(keep_alive)
+        return self._admit(body.get("model"), load=not unload, keep_alive=keep_alive)
+
     def _load(self, body: Body, name: str, payload: Body) -> _Reply:
         """The answer to an empty prompt: load the model, or unload it with keep_alive 0."""
-        reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+        reason = "unload" if durations.is_zero(body.get("keep_alive")) else "load"
         if reason == "unload":
-            self._loaded.pop(name, None)
+            self._unload(name)
         obj = {
             "model": body["model"],
             "created_at": _now(),
@@ -541,22 +571,36 @@ class StandIn:
         return _Reply(self, chunks, SSE if stream else JSON, stream)
 
     def _progress(self, body: Body, steps: list[Body]) -> Response:
+        """Pull, push or create progress: each step written on its own, `progress_delay`
+        apart (Ollama's streamResponse flushes every line); the last alone without stream."""
         if body.get("stream") is False:
             return _json(steps[-1])
-        return Response(b"".join(_line(s) for s in steps), media_type=NDJSON)
+
+        async def paced() -> AsyncGenerator[bytes, None]:
+            for step in steps:
+                await asyncio.sleep(self.progress_delay)
+                yield _line(step)
+
+        return StreamingResponse(paced(), media_type=NDJSON)
 
     def _ps(self, request: Request, body: Body) -> Response:
-        expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+        """Loaded models, the longest to live first (Ollama's PsHandler); a model whose
+        keep_alive ran out is unloaded."""
+        now = datetime.now(UTC)
+        for name, expires in tuple(self._loaded.items()):
+            if expires <= now:
+                self._loaded.pop(name, None)
+        loaded = sorted(self._loaded.items(), key=lambda item: item[1], reverse=True)
         return _json(
             {
                 "models": [
                     {
                         **self._entry(m),
-                        "expires_at": expires,
+                        "expires_at": expires.isoformat(),
                         "size_vram": SIZE,
                         "context_length": 8192,
                     }
-                    for m in tuple(self._loaded)
+                    for m, expires in loaded
                 ]
             }
         )
@@ -581,7 +625,7 @@ class StandIn:
         )
 
     def _generate(self, request: Request, body: Body) -> _Reply:
-        name = self._admit(body.get("model"))
+        name = self._admit_native(body, "prompt")
         if not body.get("prompt"):
             return self._load(body, name, {"response": ""})
 
@@ -594,7 +638,7 @@ class StandIn:
         messages, tools = body.get("messages") or [], body.get("tools")
         if not isinstance(messages, list):
             raise _Fail(400, "messages must be an array")
-        name = self._admit(body.get("model"))
+        name = self._admit_native(body, "messages")
         if not messages:
             return self._load(body, name, {"message": {"role": "assistant", "content": ""}})
         calls = None
@@ -613,7 +657,7 @@ class StandIn:
         return self._native(body, wrap, {})
 
     def _embed(self, request: Request, body: Body) -> _Reply:
-        self._admit(body.get("model"))
+        self._admit(body.get("model"), keep_alive=body.get("keep_alive"))
         inputs = _inputs(body.get("input"))
         vectors = [_embedding(t, self.embed_dim) for t in inputs]
         obj = {

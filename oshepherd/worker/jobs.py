@@ -6,11 +6,20 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from oshepherd.connections import raise_if_cancelling
-from oshepherd.protocol import MODEL_CHANGING_PATHS, START_SCRIPT, Job, Start, cancel_key
+from oshepherd.models import entry_model, normalize
+from oshepherd.protocol import (
+    MODEL_CHANGING_PATHS,
+    START_SCRIPT,
+    UNLOAD,
+    Job,
+    Start,
+    cancel_key,
+)
 from oshepherd.worker.blobs import BlobRelay
 from oshepherd.worker.ollama import OllamaHost, OllamaStreamBroke, OllamaUnreachable
 from oshepherd.worker.outbox import Outbox
@@ -18,6 +27,11 @@ from oshepherd.worker.outbox import Outbox
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
+
+# How long an unload may take to show in the host's /api/ps: Ollama answers it at once and
+# frees the model on its scheduler's loop just after (server/sched.go, expireRunner).
+UNLOAD_SETTLE = 2.0
+SETTLE_POLL = 0.05
 
 
 class JobRunner:
@@ -88,6 +102,21 @@ class JobRunner:
         finally:
             pump.cancel()
 
+    async def _settle(self, job: Job, status: int) -> None:
+        """After a load or unload: advertise what the host now has loaded, before the
+        answer ends, so the API's ``/api/ps`` straight after is current. A model Ollama
+        said it unloaded (``status`` 2xx) is first awaited out of the host's ``/api/ps``,
+        for at most ``UNLOAD_SETTLE`` seconds."""
+        if job.residency == UNLOAD and status < 300 and (model := _model_of(job.body)):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + UNLOAD_SETTLE
+            while loop.time() < deadline:
+                running = (await self._host.poll()).running
+                if all(entry_model(entry) != model for entry in running):
+                    break
+                await asyncio.sleep(SETTLE_POLL)
+        await self._on_models_changed()
+
     async def _relay(self, job: Job, outbox: Outbox) -> None:
         try:
             async with self._host.send(job.method, job.path, *job.content()) as response:
@@ -96,6 +125,8 @@ class JobRunner:
                     outbox.write(chunk)
                 if job.path in MODEL_CHANGING_PATHS:
                     await self._on_models_changed()
+                elif job.residency:
+                    await self._settle(job, response.status)
                 outbox.finish()
         except OllamaUnreachable as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
@@ -105,3 +136,12 @@ class JobRunner:
         except OllamaStreamBroke as exc:
             log.warning("job %s: %s", job.id, exc)
             outbox.fail(502, f"worker {self._worker_id}: {exc}")
+
+
+def _model_of(body: str) -> str:
+    """The normalized model a generate or chat body names, or "" if none."""
+    try:
+        model = orjson.loads(body).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    return normalize(model) if isinstance(model, str) else ""

@@ -8,18 +8,22 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
+from oshepherd import durations
 from oshepherd.api import scatter
 from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
 from oshepherd.api.errors import BadRequest, json_response
+from oshepherd.api.fanout import Fanout, FanoutResponse
 from oshepherd.api.gateway import gateway
 from oshepherd.api.relay import RelayResponse
-from oshepherd.models import entry_model
-from oshepherd.protocol import WorkerEntry
+from oshepherd.models import entry_model, normalize
+from oshepherd.protocol import LOAD, UNLOAD, WorkerEntry
 
 __all__ = ["router"]
 
 router = APIRouter()
 Check = Callable[[dict[str, Any]], None]
+# A request's ``Job.residency``: LOAD, UNLOAD, or "" for an ordinary request.
+Residency = Callable[[dict[str, Any]], str]
 
 
 def route(
@@ -43,11 +47,13 @@ async def forward(
     check: Check | None = None,
     *,
     fields: tuple[str, ...] = ("model", "name"),
+    residency: Residency | None = None,
 ) -> Response:
     """Queue the request body for a worker holding its model and relay the answer.
 
     ``fields`` may name the model (OpenAI's surface knows no ``name``). An embedding input
-    longer than one batch is scattered over the fleet instead (``scatter``).
+    longer than one batch is scattered over the fleet instead (``scatter``); a load or
+    unload, as ``residency`` tells, follows the fleet (``load_or_unload``).
     """
     gw = gateway(request)
     body: Body = await read_body(request, gw.settings.max_body_bytes)
@@ -57,8 +63,54 @@ async def forward(
         check(body.data)
     if scatter.applies(path, body.data, gw.settings.embed_batch_size):
         return await scatter.scatter(request, path, body.data, model)
+    if residency is not None and (kind := residency(body.data)):
+        return await load_or_unload(request, path, body.text, model, kind)
     stream = await gw.dispatcher.submit("POST", path, body.text, model)
     return RelayResponse(stream, request.url.path)
+
+
+async def load_or_unload(
+    request: Request, path: str, text: str, model: str, residency: str
+) -> Response:
+    """A load runs on one holder of ``model``. An unload runs on every host where the
+    model is loaded (each worker's ``/api/ps`` in the registry), and answers as Ollama
+    does (``Fanout``'s "first" answer) once all have; loaded nowhere, it runs on one holder.
+
+    Either way each worker re-registers what its host has loaded before it answers, and
+    the API rereads the registry before it does, so ``/api/ps`` straight after is current.
+    """
+    gw = gateway(request)
+    if residency == UNLOAD:
+        await gw.dispatcher.refresh_registry()
+        name = normalize(model)
+        targets = [
+            w for w in healthy_workers(request) if any(entry_model(e) == name for e in w.running)
+        ]
+        if targets:
+            fanout = Fanout(gw.dispatcher, "unload", targets, progress=False)
+            await fanout.start("POST", path, text, residency=UNLOAD)
+            return FanoutResponse(fanout, "first", request.url.path)
+    stream = await gw.dispatcher.submit("POST", path, text, model, residency=residency)
+    return RelayResponse(
+        stream, request.url.path, settle=lambda: gw.dispatcher.refresh_registry(max_age=0.0)
+    )
+
+
+def _residency(field: str, empty: tuple[Any, ...]) -> Residency:
+    """Ollama's test for a load or unload (``server/routes.go``, GenerateHandler and
+    ChatHandler): ``field`` (the prompt, the messages) is empty; a ``keep_alive`` of zero
+    unloads, anything else loads."""
+
+    def residency(data: dict[str, Any]) -> str:
+        if data.get(field) not in empty:
+            return ""
+        return UNLOAD if durations.is_zero(data.get("keep_alive")) else LOAD
+
+    return residency
+
+
+GENERATE_RESIDENCY = _residency("prompt", (None, ""))
+CHAT_RESIDENCY = _residency("messages", (None, []))
 
 
 def _check_messages(data: dict[str, Any]) -> None:
@@ -79,12 +131,12 @@ def _check_input(data: dict[str, Any]) -> None:
 
 @route("/api/generate", ["POST"])
 async def generate(request: Request) -> Response:
-    return await forward(request, "/api/generate")
+    return await forward(request, "/api/generate", residency=GENERATE_RESIDENCY)
 
 
 @route("/api/chat", ["POST"])
 async def chat(request: Request) -> Response:
-    return await forward(request, "/api/chat", _check_messages)
+    return await forward(request, "/api/chat", _check_messages, residency=CHAT_RESIDENCY)
 
 
 @route("/api/embed", ["POST"])
