@@ -6,6 +6,7 @@ serving afterwards."""
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -21,6 +22,11 @@ from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component
 from oshepherd.testing.fleet import Fleet
 from tests.conftest import two_hosts
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -321,6 +327,16 @@ def test_a_body_at_the_limit_is_served(small_api: Component) -> None:
 def test_an_oversized_body_with_content_length_is_413(small_api: Component, path: str) -> None:
     response = httpx.post(small_api.url + path, content=_padded(SMALL_LIMIT + 1))
     assert_rejected(response, path)
+    assert response.status_code == 413
+
+
+@pytest.mark.slow
+def test_a_body_over_the_limit_once_decompressed_is_413(small_api: Component) -> None:
+    bomb = zstd.compress(_padded(64 * SMALL_LIMIT))
+    assert len(bomb) < SMALL_LIMIT
+    headers = {"content-encoding": "zstd"}
+    response = httpx.post(small_api.url + "/v1/responses", content=bomb, headers=headers)
+    assert_rejected(response, "/v1/responses")
     assert response.status_code == 413
 
 

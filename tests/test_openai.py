@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import wave
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -12,12 +13,18 @@ from typing import IO
 
 import httpx
 import openai
+import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
 from tests.conftest import new_fleet
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -134,6 +141,21 @@ def test_responses_streaming(client: openai.OpenAI) -> None:
     assert [event.sequence_number for event in events] == list(range(len(events)))
     completed = events[-1]
     assert completed.type == "response.completed" and completed.response.output_text == TEXT
+
+
+def test_a_zstd_compressed_responses_request_as_codex_sends_it(fleet: Fleet) -> None:
+    request = {"model": "llama3", "input": "hello", "stream": True}
+    headers = {"content-encoding": "zstd", "content-type": "application/json"}
+    compressed = zstd.compress(orjson.dumps(request))
+    response = httpx.post(fleet.url + "/v1/responses", content=compressed, headers=headers)
+    assert response.status_code == 200 and response.text.endswith("\n\n")
+    assert "event: response.completed" in response.text
+    received = [body for _, path, body in fleet.standins[0].requests if path == "/v1/responses"]
+    assert received[-1] == request  # decompressed on the way
+    for bad in (b"not zstd", compressed[:-4]):
+        refused = httpx.post(fleet.url + "/v1/responses", content=bad, headers=headers)
+        assert refused.status_code == 400
+        assert "failed to decompress zstd body" in refused.json()["error"]["message"]
 
 
 def wav(seconds: float = 0.25, rate: int = 16_000) -> bytes:

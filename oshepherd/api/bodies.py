@@ -3,6 +3,7 @@ or a multipart form (an upload, carried on as its exact bytes)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import orjson
@@ -12,13 +13,19 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from oshepherd.api.errors import BadRequest, ContentTooLarge
 
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
 __all__ = ["Body", "Form", "model_name", "read_body", "read_form", "stream_flag"]
 
 MAX_MODEL_NAME = 512
 
 
 class Body:
-    """A client's JSON object, and its exact text (forwarded to Ollama unchanged)."""
+    """A client's JSON object, and its exact text (forwarded to Ollama unchanged, decompressed
+    if it came zstd-encoded)."""
 
     __slots__ = ("data", "text")
 
@@ -28,7 +35,15 @@ class Body:
 
 
 async def read_body(request: Request, limit: int) -> Body:
+    """The request's JSON object, at most ``limit`` bytes as sent and as decoded.
+
+    ``Content-Encoding: zstd`` is undone first: Codex compresses its Responses requests, and
+    Ollama's /v1/responses accepts them (middleware/openai.go). Raises ``ContentTooLarge``
+    and ``BadRequest``.
+    """
     raw = await _read_bounded(request, limit)
+    if request.headers.get("content-encoding", "").strip().lower() == "zstd":
+        raw = _unzstd(raw, limit)
     if not raw.strip():
         raise BadRequest("missing request body")
     try:
@@ -127,6 +142,23 @@ class _FormFields:
 
     def _end(self) -> None:
         self._ended = True
+
+
+def _unzstd(data: bytes, limit: int) -> bytes:
+    """``data``'s zstd frames decompressed, never past ``limit`` bytes."""
+    out = bytearray()
+    while data:
+        frame = zstd.ZstdDecompressor()
+        try:
+            out += frame.decompress(data, max_length=limit + 1 - len(out))
+        except zstd.ZstdError as exc:
+            raise BadRequest(f"failed to decompress zstd body: {exc}") from None
+        if len(out) > limit:
+            raise ContentTooLarge(limit)
+        if not frame.eof:
+            raise BadRequest("failed to decompress zstd body: truncated")
+        data = frame.unused_data
+    return bytes(out)
 
 
 async def _read_bounded(request: Request, limit: int) -> bytes:
