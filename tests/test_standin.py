@@ -259,6 +259,27 @@ def test_openai_sdk(stand: StandIn) -> None:
             sdk.models.retrieve("nope")
 
 
+def test_compatibility_layers(stand: StandIn, http: httpx.Client) -> None:
+    """/v1/messages, /v1/responses and /v1/audio/transcriptions as Ollama's middleware
+    answers them (the SDK-level checks are in test_anthropic.py and test_openai.py)."""
+    ask = {"model": "llama3", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    message = http.post("/v1/messages", json=ask).json()
+    assert message["type"] == "message" and message["stop_reason"] == "end_turn"
+    streamed = http.post("/v1/messages", json={**ask, "stream": True}).text
+    names = [line[7:] for line in streamed.splitlines() if line.startswith("event: ")]
+    assert names[:2] == ["message_start", "content_block_start"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    refused = http.post("/v1/messages", json={**ask, "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["type"] == "error"
+    assert refused.json()["request_id"].startswith("req_")  # as anthropic.NewError
+    response = http.post("/v1/responses", json={"model": "llama3", "input": "hi"}).json()
+    assert response["output"][0]["content"][0]["text"] == "tok0 tok1 tok2 tok3 tok4 "
+    files = {"file": ("a.wav", b"RIFF\x00\xff")}
+    heard = http.post("/v1/audio/transcriptions", data={"model": "llama3"}, files=files)
+    assert heard.json() == {"text": "tok0 tok1 tok2 tok3 tok4"}
+    assert stand.requests[-1][2] == {"model": "llama3", "file": b"RIFF\x00\xff"}
+
+
 def test_restart_keeps_port(stand: StandIn, client: ollama.Client) -> None:
     url = stand.url
     stand.stop()
