@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "env_names", "load", "redacted"]
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+MiB = 1024 * 1024
 # kombu's Redis visibility timeout: an unacked message is handed out again after it.
 VISIBILITY_TIMEOUT = 3600.0
 
@@ -65,7 +66,14 @@ class ApiSettings(CommonSettings):
     )
     stall_timeout: float = Field(default=60.0, gt=0, description="silence that ends a job (s)")
     max_queue_depth: int = Field(default=512, ge=1, description="jobs waiting per model")
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Fits a vision chat whose history holds sixteen 3 MiB photos (base64: 4 MiB each); ten
+    # are a 40 MiB body. A body is held whole, and measured per in-flight request of N bytes:
+    # the API holds 2N while the job waits or runs (its text, and the queued message kept to
+    # withdraw it), 5N at its peak while reading and queueing it; Redis holds N while it is
+    # queued (4N at the peak of the enqueue); the worker 6N while it runs (7N at its peak).
+    # The most, 128 MiB: the message escapes the body's JSON twice (4x at worst, a body of
+    # quotes), which brings it to Redis's proto-max-bulk-len (512 MB by default).
+    max_body_bytes: int = Field(default=64 * MiB, ge=1024, le=128 * MiB)
     registry_refresh: float = Field(default=1.0, gt=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
     ollama_origins: str = Field(default="", description="extra CORS origins, comma-separated")
