@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import latency, report, scale, soak
+from bench import blobs, latency, report, scale, soak
 from bench.fleet import Lab, raise_open_file_limit
 from bench.harness import DEFAULT, QUICK, Profile
 from bench.report import Row
@@ -25,6 +25,7 @@ GROUPS: list[tuple[frozenset[str], Group]] = [
     (frozenset({"f", "g"}), lambda lab, profile, wanted: scale.held_streams(lab, profile)),
     (frozenset({"embed"}), lambda lab, profile, wanted: scale.embed(lab, profile)),
     (frozenset({"soak"}), lambda lab, profile, wanted: soak.soak(lab, profile)),
+    (frozenset({"blob"}), lambda lab, profile, wanted: blobs.upload(lab, profile)),
 ]
 FIGURES = [f for figures, _ in GROUPS for f in sorted(figures)]
 

@@ -35,6 +35,7 @@ class Profile:
     embed_latency: float  # the stand-ins' cost per /api/embed request
     embed_repeats: int
     soak_requests: int
+    blob_mib: int  # the size of the blob figure's upload
 
 
 DEFAULT = Profile(
@@ -54,6 +55,7 @@ DEFAULT = Profile(
     embed_latency=0.1,
     embed_repeats=3,
     soak_requests=10_000,
+    blob_mib=1024,
 )
 QUICK = Profile(
     latency_requests=200,
@@ -72,6 +74,7 @@ QUICK = Profile(
     embed_latency=0.05,
     embed_repeats=1,
     soak_requests=1_000,
+    blob_mib=128,
 )
 
 
