@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -14,6 +15,8 @@ from oshepherd.protocol import WorkerEntry
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
+from oshepherd.testing.standin import StandIn
+from oshepherd.worker.ollama import HostState, OllamaHost
 from tests.conftest import two_hosts
 
 
@@ -79,3 +82,21 @@ def test_head_tags_answers_gets_headers_without_a_body(fleet: Fleet) -> None:
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-type"] == got.headers["content-type"]
     assert head.headers["content-length"] == str(len(got.content))
+
+
+async def poll(url: str) -> HostState:
+    host = OllamaHost(url)
+    try:
+        return await host.poll()
+    finally:
+        await host.session.close()
+
+
+@pytest.mark.slow
+def test_a_host_without_status_stays_healthy_and_reports_no_policy() -> None:
+    with StandIn(["llama3"]) as host:
+        host.cloud_source = None  # an Ollama older than /api/status: 404
+        state = asyncio.run(poll(host.url))
+        assert state.healthy and state.models and state.cloud == {}
+        host.cloud_source = "env"
+        assert asyncio.run(poll(host.url)).cloud == {"disabled": True, "source": "env"}

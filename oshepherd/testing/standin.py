@@ -249,8 +249,9 @@ class StandIn:
         self.name = name
         self.unload_delay = self.progress_delay = 0.0
         # /api/status: "none" (cloud enabled), or "env", "config", "both": disabled by
-        # OLLAMA_NO_CLOUD and/or server.json (Ollama's envconfig.NoCloudSource).
-        self.cloud_source = "none"
+        # OLLAMA_NO_CLOUD and/or server.json (Ollama's envconfig.NoCloudSource); None: an
+        # Ollama older than the route (404).
+        self.cloud_source: str | None = "none"
         self.requests: list[tuple[str, str, Body]] = []
         self.active = self.peak_active = self.completed = self.disconnects = self.tokens_sent = 0
         self._lock = threading.Lock()
@@ -784,9 +785,12 @@ class StandIn:
         }
         return _Reply(self, _once(lambda: orjson.dumps(obj)), JSON, False)
 
-    def _cloud(self) -> Body:
-        """Ollama's ``StatusHandler``: an ``api.CloudStatus``."""
-        return {"disabled": self.cloud_source != "none", "source": self.cloud_source}
+    def _status(self, request: Request, body: Body) -> Response:
+        """Ollama's ``StatusHandler``: an ``api.CloudStatus``, or gin's 404 without it."""
+        if self.cloud_source is None:
+            return PlainTextResponse("404 page not found", 404)
+        disabled = self.cloud_source != "none"
+        return _json({"cloud": {"disabled": disabled, "source": self.cloud_source}})
 
     def _v1_model(self, request: Request, body: Body) -> Response:
         self._known(request.path_params["model"])
@@ -897,7 +901,7 @@ class StandIn:
         table: list[tuple[str, str, Handler]] = [
             ("GET", "/", lambda r, b: PlainTextResponse("Ollama is running")),
             ("GET", "/api/version", lambda r, b: _json({"version": self.version})),
-            ("GET", "/api/status", lambda r, b: _json({"cloud": self._cloud()})),
+            ("GET", "/api/status", self._status),
             (
                 "GET",
                 "/api/tags",

@@ -100,13 +100,13 @@ class OllamaHost:
 
     async def poll(self) -> HostState:
         """Models, running models, version and cloud policy, fetched at once; never
-        raises. An Ollama without ``/api/status`` (404) has no cloud policy to report."""
+        raises. An Ollama without ``/api/status`` (older) has no cloud policy to report."""
         try:
             tags, ps, version, status = await asyncio.gather(
                 self._get_json("/api/tags"),
                 self._get_json("/api/ps"),
                 self._get_json("/api/version"),
-                self._get_json("/api/status", missing_ok=True),
+                self._get_json("/api/status", optional=True),
             )
         except OllamaUnreachable as exc:
             return HostState(healthy=False, error=str(exc))
@@ -118,12 +118,13 @@ class OllamaHost:
             cloud=cloud if isinstance(cloud := status.get("cloud"), dict) else {},
         )
 
-    async def _get_json(self, path: str, *, missing_ok: bool = False) -> dict[str, Any]:
-        """Ollama's JSON object at ``path`` ({} if it is no object, or a 404 when
-        ``missing_ok``); raises ``OllamaUnreachable``."""
+    async def _get_json(self, path: str, *, optional: bool = False) -> dict[str, Any]:
+        """Ollama's JSON object at ``path`` ({} if it is no object); raises
+        ``OllamaUnreachable``. An ``optional`` route answering an error status (an older
+        Ollama, a proxy refusing it) reads as {}: the host is no less healthy for it."""
         try:
             async with self.session.get(path, timeout=POLL_TIMEOUT) as response:
-                if missing_ok and response.status == 404:
+                if optional and response.status >= 400:
                     return {}
                 response.raise_for_status()
                 data = await response.json(content_type=None)
