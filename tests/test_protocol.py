@@ -13,7 +13,10 @@ from celery.worker.request import Request
 from kombu import Connection
 
 from oshepherd.protocol import (
+    BLOB_DATA,
     TASK_NAME,
+    BlobAbort,
+    BlobEnd,
     Data,
     End,
     Error,
@@ -26,6 +29,7 @@ from oshepherd.protocol import (
     WorkerEntry,
     binary_body,
     celery_message,
+    decode_blob_part,
     decode_frame,
     job_channel,
     job_channel_pattern,
@@ -130,6 +134,18 @@ def test_a_job_carries_its_body_to_ollama_as_the_client_sent_it() -> None:
     binary = job(body=binary_body(upload), content_type=form)
     over_the_wire = Job.from_dict(orjson.loads(orjson.dumps(binary.to_dict())))
     assert over_the_wire.content() == (upload, form)
+
+
+def test_a_blob_upload_item_round_trips_and_refuses_garbage() -> None:
+    chunk = bytes(range(256)) * 4
+    data = decode_blob_part(BLOB_DATA + chunk)
+    assert isinstance(data, memoryview) and data == chunk
+    for item in (BlobEnd(0), BlobEnd(1 << 40), BlobAbort(400, 'digest mismatch, "x"')):
+        assert decode_blob_part(item.encode()) == item
+    for raw in (b"", b"x", b"e", b"e12a", b"a{", b'a{"status": 400}', b"a[]"):
+        with pytest.raises(ProtocolError):
+            decode_blob_part(raw)
+    assert Job.from_dict({**job().to_dict(), "upload": "u1"}).upload == "u1"
 
 
 def test_a_job_past_its_deadline_is_expired() -> None:

@@ -100,7 +100,9 @@ class BlobUpload:
         self._tasks.append(collecting)
         size, got = await self._stream(receive)
         if self._live:
-            await self._push(self._closing(size, got).encode(), wait=False)
+            closing = self._closing(size, got)
+            log.info("blob upload %s: %s, %d bytes: %s", self._id, self._digest, size, closing)
+            await self._push(closing.encode(), wait=False)
         await until_disconnect(receive, _wait(collecting))
         failure = await self._fanout.failure()
         if failure is not None:

@@ -114,9 +114,19 @@ class BlobRelay:
 
     async def relay(self, job: Job, outbox: Outbox) -> None:
         """Stream the upload to Ollama and publish its answer (201, 200 or its error); a
-        body that broke off fails the job with the reason (an abort's own status)."""
+        body that broke off fails the job with the reason (an abort's own status).
+
+        A blob the host has is 200 without a byte taken, as Ollama answers it: asked with
+        ``HEAD`` first, so that an abort (the digest is wrong) can never race the early
+        200 of a host that had the blob all along.
+        """
         items = BlobItems(self._redis, self._ack, job.upload, self._worker_id)
         try:
+            async with self._host.send("HEAD", job.path, b"", "") as head:
+                if head.status == 200:
+                    outbox.start(200, head.content_type)
+                    outbox.finish()
+                    return
             async with self._host.send(job.method, job.path, items.body(), OCTET_STREAM) as answer:
                 outbox.start(answer.status, answer.content_type)
                 async for chunk in answer.chunks():
