@@ -13,6 +13,7 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.middleware import Middleware
 
 from oshepherd import __version__
+from oshepherd.api.coalesce import CoalescingHttpProtocol
 from oshepherd.api.errors import install_handlers
 from oshepherd.api.gateway import Gateway
 from oshepherd.api.protections import (
@@ -93,7 +94,7 @@ def serve(settings: ApiSettings) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpProtocol,  # httptools, a system call per loop turn
         log_level=settings.loglevel.lower(),
         access_log=settings.loglevel == "DEBUG",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
