@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -29,6 +30,7 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
     with two_hosts(redis_server, stack_log, ("llama3",), ("llama3",), ("alpha", "beta")) as fleet:
+        fleet.wait_for_models("llama3:latest", workers=2)  # both are targets from the start
         yield fleet
 
 
@@ -52,8 +54,34 @@ def write_blob(path: Path, mib: int) -> str:
     return f"sha256:{sha.hexdigest()}"
 
 
-def rss(pid: int) -> int:
-    return int(psutil.Process(pid).memory_info().rss)
+def rss(fleet: Fleet) -> list[int]:
+    """The resident set of the API and of each worker, in bytes."""
+    processes = [c.process for c in fleet.stack.components]
+    return [int(psutil.Process(p.pid).memory_info().rss) for p in processes]
+
+
+class Lengths:
+    """The longest of the upload lists seen while the block runs, sampled every 10 ms."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._client = redis.Redis.from_url(fleet.stack.redis_url)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.longest = 0
+
+    def __enter__(self) -> Lengths:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            for key in self._client.scan_iter("oshepherd:blob:*:chunks:*"):
+                self.longest = max(self.longest, int(self._client.llen(key)))
 
 
 def test_create_from_a_200_mib_gguf_on_two_hosts(
@@ -61,12 +89,14 @@ def test_create_from_a_200_mib_gguf_on_two_hosts(
 ) -> None:
     path = tmp_path / "model.gguf"
     digest = write_blob(path, 200)
-    assert fleet.api is not None
-    before = rss(fleet.api.process.pid)
+    before = rss(fleet)
     assert httpx.head(f"{fleet.url}/api/blobs/{digest}").status_code == 404
-    assert client.create_blob(path) == digest  # ollama-python: POST, no HEAD first
-    grown = rss(fleet.api.process.pid) - before
-    assert grown < 16 * MIB, f"the API grew by {grown / MIB:.1f} MiB"
+    with Lengths(fleet) as lists:
+        assert client.create_blob(path) == digest  # ollama-python: POST, no HEAD first
+    # Bounded: a window of chunks per host in Redis (and the end), a few MiB per process.
+    assert 0 < lists.longest <= WINDOW + 1
+    grown = [(after - was) / MIB for after, was in zip(rss(fleet), before, strict=True)]
+    assert max(grown) < 16, f"the API and workers grew by {grown} MiB"
     assert all(host.has_blob(digest) for host in fleet.standins)
     assert httpx.head(f"{fleet.url}/api/blobs/{digest}").status_code == 200
     progress = client.create(model="from-gguf", files={"x.gguf": digest})
@@ -76,6 +106,23 @@ def test_create_from_a_200_mib_gguf_on_two_hosts(
     # Every host has it now: 200, as Ollama answers for a blob it has.
     response = httpx.post(f"{fleet.url}/api/blobs/{digest}", content=path.read_bytes()[:MIB])
     assert response.status_code == 200
+
+
+def test_a_slow_host_holds_the_upload_to_a_window(fleet: Fleet) -> None:
+    beta = fleet.standins[1]
+    data = bytes(range(256)) * (24 * MIB // 256)
+    beta.blob_read_delay = 0.002  # 64 KiB pieces: about 30 MiB/s
+    try:
+        with Lengths(fleet) as lists:
+            url = f"{fleet.url}/api/blobs/{digest_of(data)}"
+            response = httpx.post(url, content=data, timeout=30)
+    finally:
+        beta.blob_read_delay = 0.0
+    assert response.status_code == 201
+    # The API waited for beta's worker: its list grew (a host that keeps up leaves one
+    # chunk at most), never beyond the window (the end may follow a full window).
+    assert 2 <= lists.longest <= WINDOW + 1
+    assert all(host.has_blob(digest_of(data)) for host in fleet.standins)
 
 
 def test_a_wrong_digest_is_400_naming_the_hosts_and_leaves_no_blob(fleet: Fleet) -> None:

@@ -225,7 +225,8 @@ class StandIn:
     Tests may change `models`, `latency`, `token_delay`, `tokens`, `max_parallel` and
     `unload_delay` (seconds a model stays listed by /api/ps after Ollama answered its unload:
     its scheduler frees it in the background) and `progress_delay` (seconds between two lines
-    of pull, push or create progress) at any time. `active` counts inference
+    of pull, push or create progress) and `blob_read_delay` (seconds the host pauses after
+    each piece of an upload it reads: a slow disk) at any time. `active` counts inference
     requests from arrival (including those queued behind `max_parallel`) to their end; each
     then counts as `completed` or as one of `disconnects`.
     """
@@ -247,7 +248,7 @@ class StandIn:
         self.port, self.latency, self.token_delay, self.tokens = port, latency, token_delay, tokens
         self.max_parallel, self.version, self.embed_dim = max_parallel, version, embed_dim
         self.name = name
-        self.unload_delay = self.progress_delay = 0.0
+        self.unload_delay = self.progress_delay = self.blob_read_delay = 0.0
         # /api/status: "none" (cloud enabled), or "env", "config", "both": disabled by
         # OLLAMA_NO_CLOUD and/or server.json (Ollama's envconfig.NoCloudSource); None: an
         # Ollama older than the route (404).
@@ -757,6 +758,8 @@ class StandIn:
         try:
             async for chunk in request.stream():
                 sha.update(chunk)
+                if self.blob_read_delay:
+                    await asyncio.sleep(self.blob_read_delay)
         except ClientDisconnect:
             return Response(status_code=400)  # never sent: the caller is gone
         got = f"sha256:{sha.hexdigest()}"
