@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -303,3 +304,31 @@ def test_runs_as_a_process_from_any_directory(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) in (0, -signal.SIGTERM)
+
+
+def test_load_unload_and_ps_as_ollama(stand: StandIn, http: httpx.Client) -> None:
+    def ps() -> list[str]:
+        return [m["model"] for m in http.get("/api/ps").json()["models"]]
+
+    assert ps() == []
+    load = http.post("/api/generate", json={"model": "llama3", "keep_alive": "10m"}).json()
+    assert load["done_reason"] == "load"
+    loaded = http.post("/api/chat", json={"model": "qwen2:7b", "keep_alive": -1})
+    assert loaded.headers["content-type"] == "application/json; charset=utf-8"
+    assert loaded.json()["message"] == {"role": "assistant", "content": ""}
+    models = http.get("/api/ps").json()["models"]
+    assert [m["model"] for m in models] == ["qwen2:7b", "llama3:latest"]  # longest-lived first
+    expires = datetime.fromisoformat(models[1]["expires_at"]).timestamp() - time.time()
+    assert 590 < expires <= 600  # keep_alive "10m"
+    assert {"size_vram", "context_length", "details", "digest"} <= set(models[0])
+    unloaded = http.post("/api/generate", json={"model": "llama3", "keep_alive": "0s"}).json()
+    assert (unloaded["done_reason"], unloaded["response"]) == ("unload", "")
+    assert ps() == ["qwen2:7b"]
+    stand.unload_delay = 0.2  # Ollama frees the model after it answered
+    http.post("/api/chat", json={"model": "qwen2:7b", "messages": [], "keep_alive": 0})
+    assert ps() == ["qwen2:7b"]
+    wait_until(lambda: ps() == [], 5, "qwen2 freed")
+    http.post("/api/generate", json={"model": "llama3", "prompt": "x", "keep_alive": 0})
+    assert ps() == []  # a generation with keep_alive 0 leaves nothing loaded
+    bad = http.post("/api/generate", json={"model": "llama3", "keep_alive": "soon"})
+    assert (bad.status_code, bad.json()) == (400, {"error": 'time: invalid duration "soon"'})
