@@ -246,6 +246,23 @@ def test_ollama_python_stop_and_a_chat_unload(client: ollama.Client, fleet: Flee
     assert "shared:7b" not in running(fleet)
 
 
+def test_a_stop_straight_after_a_first_generation_frees_its_host(
+    client: ollama.Client, fleet: Fleet
+) -> None:
+    """A generation that loads its model advertises it before it answers, so a stop sent
+    the moment it ends (well within a heartbeat) reaches that host."""
+    a, b = fleet.standins
+    assert client.generate(model="shared:7b", keep_alive=0).done_reason == "unload"
+    assert "shared:7b" not in host_running(a) + host_running(b)
+    assert client.generate(model="shared:7b", prompt="hi").done is True  # loads it on one
+    (loaded_on,) = [h for h in (a, b) if "shared:7b" in host_running(h)]
+    before = unloads(loaded_on)
+    assert client.generate(model="shared:7b", keep_alive=0).done_reason == "unload"
+    assert unloads(loaded_on) == before + 1
+    assert "shared:7b" not in host_running(a) + host_running(b)
+    assert "shared:7b" not in running(fleet)
+
+
 def _load_directly(host: StandIn, model: str) -> bool:
     return bool(httpx.post(host.url + "/api/chat", json={"model": model}).json()["done"])
 

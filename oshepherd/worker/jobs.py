@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # How long an unload may take to show in the host's /api/ps: Ollama answers it at once and
 # frees the model on its scheduler's loop just after (server/sched.go, expireRunner).
+SHOW_PATH = "/api/show"  # the one model-bound request that does not load its model
 UNLOAD_SETTLE = 2.0
 SETTLE_POLL = 0.05
 
@@ -46,12 +47,14 @@ class JobRunner:
         ping_interval: float,
         on_unreachable: Callable[[str], Awaitable[None]],
         on_models_changed: Callable[[], Awaitable[None]],
+        is_loaded: Callable[[str], bool],
     ) -> None:
         self._redis = redis
         self._host = host
         self._worker_id = worker_id
         self._ping_interval = ping_interval
         self._on_unreachable = on_unreachable
+        self._is_loaded = is_loaded
         self._on_models_changed = on_models_changed
         self._start = redis.register_script(START_SCRIPT)
         self._blobs = BlobRelay(redis, host, worker_id)
@@ -127,6 +130,9 @@ class JobRunner:
                     await self._on_models_changed()
                 elif job.residency:
                     await self._settle(job, response.status)
+                elif self._loaded_by(job, response.status):
+                    # An unload straight after must find this host: advertise it first.
+                    await self._on_models_changed()
                 outbox.finish()
         except OllamaUnreachable as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
@@ -136,6 +142,16 @@ class JobRunner:
         except OllamaStreamBroke as exc:
             log.warning("job %s: %s", job.id, exc)
             outbox.fail(502, f"worker {self._worker_id}: {exc}")
+
+    def _loaded_by(self, job: Job, status: int) -> bool:
+        """Whether ``job`` just loaded its model on the host: it ran the model (any
+        model-bound job but a show), succeeded, and the model was not loaded before."""
+        return (
+            bool(job.model)
+            and job.path != SHOW_PATH
+            and status < 300
+            and not self._is_loaded(job.model)
+        )
 
 
 def _model_of(body: str) -> str:

@@ -49,6 +49,7 @@ class WorkerRuntime:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._state = HostState(error="not polled yet")
+        self._loaded: frozenset[str] = frozenset()  # models the host has in memory
         self._started_at = time.time()
         self._draining = False
         self._polled = asyncio.Event()
@@ -88,6 +89,7 @@ class WorkerRuntime:
             ping_interval=self.settings.ping_interval,
             on_unreachable=self._mark_unreachable,
             on_models_changed=self._poll,
+            is_loaded=lambda model: model in self._loaded,
         )
         self._tasks = [
             asyncio.create_task(self._poll_forever()),
@@ -151,6 +153,7 @@ class WorkerRuntime:
                 "Ollama at %s is unreachable: %s", self.settings.ollama_base_url, state.error
             )
         self._state = state
+        self._loaded = frozenset(entry_model(m) for m in state.running)
         if not self._draining:
             names = {entry_model(m) for m in state.models} if state.healthy else set()
             self.model_queues = frozenset(model_queue(n) for n in names)

@@ -81,7 +81,7 @@ async def load_or_unload(
     """
     gw = gateway(request)
     if residency == UNLOAD:
-        await gw.dispatcher.refresh_registry()
+        await gw.dispatcher.refresh_registry(max_age=0.0)  # whoever loaded it just now too
         name = normalize(model)
         targets = [
             w for w in healthy_workers(request) if any(entry_model(e) == name for e in w.running)
