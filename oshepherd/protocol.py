@@ -37,6 +37,7 @@ __all__ = [
     "LOAD",
     "MODEL_CHANGING_PATHS",
     "START_SCRIPT",
+    "SUPERSEDE_SCRIPT",
     "TASK_NAME",
     "UNLOAD",
     "WORKERS_INDEX",
@@ -65,6 +66,7 @@ __all__ = [
     "job_id_from_channel",
     "model_queue",
     "new_id",
+    "started_key",
     "worker_key",
     "worker_queue",
 ]
@@ -118,7 +120,14 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
 
 
+def started_key(job_id: str) -> str:
+    """The last attempt of a job that started (set by ``START_SCRIPT``), for a while."""
+    return f"{PREFIX}:started:{job_id}"
+
+
 CANCEL_ALL = 1 << 30
+# Seconds a started key lives: it only matters until the API has seen the start frame.
+STARTED_TTL = 60
 # Seconds. A cancelled attempt's message leaves its queue in the same round trip (LREM);
 # the key stops a worker that took it just before, however long it had waited.
 CANCEL_TTL = 3600
@@ -130,12 +139,26 @@ if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
 return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
 # A worker claims a job: refused (0) when the cancel key forbids this attempt, else the
-# start frame is published (1), in one round trip. KEYS: cancel key. ARGV: reply channel,
-# start frame, attempt.
-START_SCRIPT = """
+# attempt is marked started and the start frame published (1), in one round trip.
+# KEYS: cancel key, started key. ARGV: reply channel, start frame, attempt.
+START_SCRIPT = f"""
 local first = redis.call('GET', KEYS[1])
 if first and tonumber(ARGV[3]) < tonumber(first) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', {STARTED_TTL})
 redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+# The API gives up on an attempt that has left its queue without starting (its worker
+# died with it): it may never start (1), unless it is still queued or has started (0).
+# Atomic with START_SCRIPT, so a worker that took the job a moment ago either started it
+# first (the API keeps following it) or is refused (the re-run is the only run).
+# KEYS: queue, cancel key, started key. ARGV: message, attempt.
+SUPERSEDE_SCRIPT = f"""
+if redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+local started = redis.call('GET', KEYS[3])
+if started and tonumber(started) >= tonumber(ARGV[2]) then return 0 end
+local first = tonumber(redis.call('GET', KEYS[2]) or 0)
+redis.call('SET', KEYS[2], math.max(first, tonumber(ARGV[2]) + 1), 'EX', {CANCEL_TTL})
 return 1
 """
 

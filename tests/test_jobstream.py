@@ -28,18 +28,19 @@ def anyio_backend() -> str:
 class Fleet:
     """What the dispatcher would answer: which workers live, what was cancelled and re-run."""
 
-    def __init__(self, *, rerun: bool = False, queued: bool = True) -> None:
+    def __init__(self, *, rerun: bool = False, lost: bool = False) -> None:
         self.dead: set[str] = set()
         self.cancels: list[tuple[int, bytes]] = []
         self.reruns: list[str | None] = []
         self._rerun = rerun
-        self._queued = queued
+        self._lost = lost
 
     def alive(self, worker: str) -> bool:
         return worker not in self.dead
 
-    async def queued(self, job: Job, message: bytes) -> bool:
-        return self._queued
+    async def supersede(self, job: Job, message: bytes) -> bool:
+        """Whether the attempt left its queue without starting (then it never will)."""
+        return self._lost
 
     async def cancel(self, job: Job, message: bytes, before: int) -> None:
         self.cancels.append((before, message))
@@ -60,7 +61,7 @@ def stream(
     latest = None if deadline is None else time.time() + deadline
     job = Job("j1", "channel", "POST", "/api/chat", "{}", "m:latest", latest)
     liveness = Liveness(
-        alive=fleet.alive, queued=fleet.queued, queue_timeout=deadline, stall_timeout=stall
+        alive=fleet.alive, supersede=fleet.supersede, queue_timeout=deadline, stall_timeout=stall
     )
     jobs = JobStream(
         job, b"message-0", inbox, liveness=liveness, cancel=fleet.cancel, rerun=fleet.rerun
@@ -160,7 +161,7 @@ async def test_without_a_deadline_a_job_waits_and_one_lost_before_starting_is_fo
     with anyio.move_on_after(2 * LIVENESS_TICK) as still_waiting:
         await waiting.head()
     assert still_waiting.cancelled_caught
-    fleet = Fleet(queued=False)  # a worker took it, then died before it could start it
+    fleet = Fleet(lost=True)  # a worker took it, then died before it could start it
     lost, _ = stream(fleet, deadline=None)
     with pytest.raises(JobFailed, match="went away"):
         await lost.head()

@@ -30,11 +30,13 @@ from oshepherd.protocol import (
     CANCEL_CHANNEL,
     CANCEL_TTL,
     ENQUEUE_SCRIPT,
+    SUPERSEDE_SCRIPT,
     Job,
     cancel_key,
     celery_message,
     model_queue,
     new_id,
+    started_key,
     worker_queue,
 )
 
@@ -53,9 +55,10 @@ class Dispatcher:
         self._queue_timeout = settings.queue_timeout
         self._max_queue_depth = settings.max_queue_depth
         self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
+        self._supersede_script = redis.register_script(SUPERSEDE_SCRIPT)
         self._liveness = Liveness(
             alive=registry.alive,
-            queued=self._queued,
+            supersede=self._supersede,
             queue_timeout=settings.queue_timeout,
             stall_timeout=settings.stall_timeout,
         )
@@ -184,10 +187,12 @@ class Dispatcher:
         except RedisError as exc:
             log.warning("job %s: could not cancel: %r", job.id, exc)
 
-    async def _queued(self, job: Job, message: bytes) -> bool:
-        """Whether ``message`` still waits in its queue (an error counts as yes)."""
+    async def _supersede(self, job: Job, message: bytes) -> bool:
+        """Forbid ``job``'s attempt to start if it has left its queue without starting
+        (``SUPERSEDE_SCRIPT``); whether it did so (a Redis error counts as no)."""
+        keys = [job.queue, cancel_key(job.id), started_key(job.id)]
         try:
-            return await self._redis.lpos(job.queue, message) is not None  # type: ignore[arg-type]
+            return bool(await self._supersede_script(keys=keys, args=[message, job.attempt]))
         except RedisError as exc:
             log.warning("job %s: could not look at its queue: %r", job.id, exc)
-            return True
+            return False

@@ -51,7 +51,8 @@ class Liveness:
     Waiting: past its deadline, if it has one (``queue_timeout`` None: none), the job times
     out (``QueueTimeout``). A job that has left its queue (a worker took it) with no
     ``Start`` ``LOST_AFTER`` seconds after it was queued was lost with a worker that died
-    before it could start it.
+    before it could start it: ``supersede`` makes sure, atomically with the worker's start
+    script, that this attempt never starts, and says whether it did so.
     Running: its worker's registry entry expired (the worker died), or no frame, not even
     a ``Ping``, came for ``stall_timeout`` seconds.
     A lost job is a retryable ``Error``: it never reached Ollama, or is no longer running.
@@ -61,12 +62,12 @@ class Liveness:
         self,
         *,
         alive: Callable[[str], bool],
-        queued: Callable[[Job, bytes], Awaitable[bool]],
+        supersede: Callable[[Job, bytes], Awaitable[bool]],
         queue_timeout: float | None,
         stall_timeout: float,
     ) -> None:
         self._alive = alive
-        self._queued = queued
+        self._supersede = supersede
         self._queue_timeout = queue_timeout
         self._stall_timeout = stall_timeout
 
@@ -74,7 +75,7 @@ class Liveness:
         """A job not started after ``waited`` seconds in its queue; raises ``QueueTimeout``."""
         if self._queue_timeout is not None and job.expired():
             raise QueueTimeout(self._queue_timeout)
-        if waited < LOST_AFTER or await self._queued(job, message):
+        if waited < LOST_AFTER or not await self._supersede(job, message):
             return None
         log.warning("job %s: attempt %d left its queue but never started", job.id, job.attempt)
         return _lost(job, "the worker that took the job went away")
@@ -199,11 +200,7 @@ class JobStream:
     async def _check(self) -> Error | None:
         if self.worker is None:
             waited = time.monotonic() - self._enqueued
-            verdict = await self._liveness.waiting(self.job, self._message, waited)
-            if verdict is not None:
-                # Should the worker start it after all, the start script refuses it.
-                await self._cancel(self.job, self._message, self.job.attempt + 1)
-            return verdict
+            return await self._liveness.waiting(self.job, self._message, waited)
         return self._liveness.running(self.job, self.worker, time.monotonic() - self._last_frame)
 
     def _fail(self, error: ApiError) -> NoReturn:

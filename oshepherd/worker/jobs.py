@@ -19,6 +19,7 @@ from oshepherd.protocol import (
     Job,
     Start,
     cancel_key,
+    started_key,
 )
 from oshepherd.worker.blobs import BlobRelay
 from oshepherd.worker.ollama import OllamaHost, OllamaStreamBroke, OllamaUnreachable
@@ -83,7 +84,7 @@ class JobRunner:
     async def _claim(self, job: Job) -> bool:
         start = Start(seq=0, attempt=job.attempt, worker=self._worker_id).encode()
         args: list[str | bytes | int] = [job.channel, start, job.attempt]
-        if not await self._start(keys=[cancel_key(job.id)], args=args):
+        if not await self._start(keys=[cancel_key(job.id), started_key(job.id)], args=args):
             log.info("job %s: cancelled, skipped", job.id)
             return False
         return True
