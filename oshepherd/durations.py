@@ -23,6 +23,7 @@ NANOSECONDS = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
+MAX_NANOSECONDS = (1 << 63) - 1  # Go's time.Duration is an int64 of nanoseconds
 # One component of a Go duration: digits, an optional fraction, a unit (anything up to
 # the next digit or dot, as Go reads it).
 _COMPONENT = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
@@ -38,7 +39,8 @@ def seconds(value: Any) -> float:
         raise ValueError(f"Unsupported type: '{type(value).__name__}'")
     if isinstance(value, str):
         nanoseconds = _parse(value)
-    elif value < 0:
+    elif value < 0 or not value * 1e9 <= MAX_NANOSECONDS:
+        # Past int64, Go's float-to-Duration conversion gives a negative Duration: forever.
         return math.inf
     else:
         nanoseconds = int(value * 1e9)  # Go's float-to-Duration conversion truncates
@@ -57,7 +59,7 @@ def is_zero(value: Any) -> bool:
 
 
 def _parse(text: str) -> int:
-    """Go's ``time.ParseDuration``, in nanoseconds (overflow is not checked)."""
+    """Go's ``time.ParseDuration``, in nanoseconds; past int64 it is invalid, as in Go."""
     rest = text[1:] if text[:1] in ("-", "+") else text
     negative = text[:1] == "-"
     if rest == "0":
@@ -75,5 +77,7 @@ def _parse(text: str) -> int:
         total += int(whole or 0) * scale
         if fraction:
             total += int(fraction) * scale // 10 ** len(fraction)  # truncated, as Go does
+        if total > MAX_NANOSECONDS:
+            raise ValueError(f'time: invalid duration "{text}"')
         pos = match.end()
     return -total if negative else total

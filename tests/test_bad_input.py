@@ -422,3 +422,18 @@ def test_framework_errors_come_out_in_the_surface_shape(prefix: str) -> None:
     assert broken.headers["content-type"].startswith("application/json")
     error = broken.json()["error"]
     assert (error["message"] if prefix == "/v1" else error) == "internal error"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_alive", [1e308, -1e308, 10**30, "9" * 400 + "s", "2562048h"])
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat"])
+def test_an_extreme_keep_alive_is_read_as_ollama_reads_it(
+    http: httpx.Client, path: str, keep_alive: Any
+) -> None:
+    """The gateway reads keep_alive to tell a load or unload: a number past int64
+    nanoseconds means forever (a load), a duration string past it is Ollama's 400."""
+    response = http.post(path, json={"model": "llama3", "keep_alive": keep_alive})
+    if isinstance(keep_alive, str):
+        assert_rejected(response, path)
+    else:
+        assert response.status_code == 200 and response.json()["done_reason"] == "load"

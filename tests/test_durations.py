@@ -40,13 +40,19 @@ from oshepherd import durations
         ("10ms", 0.01),
         ("-1s", math.inf),
         ("-5m", math.inf),
+        (1e308, math.inf),  # past int64 nanoseconds, Go's conversion goes negative: forever
+        (10**30, math.inf),
+        ("2562047h", 2562047 * 3600.0),  # within int64 nanoseconds
     ],
 )
 def test_seconds_as_ollama_reads_them(value: Any, seconds: float) -> None:
     assert durations.seconds(value) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("value", ["", "s", "5", "1x", ".s", "5m3", "abc", "1h 2m", True, [], {}])
+@pytest.mark.parametrize(
+    "value",
+    ["", "s", "5", "1x", ".s", "5m3", "abc", "1h 2m", True, [], {}, "2562048h", "9" * 400 + "s"],
+)
 def test_what_ollama_refuses(value: Any) -> None:
     with pytest.raises(ValueError, match=r"invalid duration|Unsupported type"):
         durations.seconds(value)
