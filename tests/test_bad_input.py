@@ -212,6 +212,11 @@ FORM_CASES: dict[str, tuple[bytes, str]] = {
     "empty": (b"", FORM_TYPE),
     "truncated": (FORM[: len(FORM) // 2], FORM_TYPE),
     "no-closing-boundary": (FORM[: FORM.rindex(b"--\r\n")], FORM_TYPE),
+    "long-boundary": (  # python-multipart refuses boundaries over 256 bytes
+        b"--" + b"b" * 257 + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        b"llama3\r\n--" + b"b" * 257 + b"--\r\n",
+        "multipart/form-data; boundary=" + "b" * 257,
+    ),
     "no-model": _form({}, AUDIO),
     "empty-model": _form({"model": ""}, AUDIO),
     **{f"model-{label}": _form({"model": name}, AUDIO) for label, name in BAD_NAMES.items()},

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from oshepherd.api.errors import BadRequest, ContentTooLarge
@@ -100,20 +100,20 @@ class _FormFields:
         self._ended = False
 
     def parse(self, raw: bytes) -> dict[str, Any]:
-        parser = MultipartParser(
-            self._boundary,
-            {
-                "on_part_begin": self._begin,
-                "on_header_field": self._header_field,
-                "on_header_value": self._header_value,
-                "on_part_data": self._data,
-                "on_part_end": self._end_part,
-                "on_end": self._end,
-            },
-        )
-        try:
+        try:  # the parser refuses some boundaries (over 256 bytes) when it is made
+            parser = MultipartParser(
+                self._boundary,
+                {
+                    "on_part_begin": self._begin,
+                    "on_header_field": self._header_field,
+                    "on_header_value": self._header_value,
+                    "on_part_data": self._data,
+                    "on_part_end": self._end_part,
+                    "on_end": self._end,
+                },
+            )
             parser.write(raw)
-        except MultipartParseError as exc:
+        except FormParserError as exc:
             raise BadRequest(f"failed to parse multipart form: {exc}") from None
         if not self._ended:
             raise BadRequest("failed to parse multipart form: unexpected end of body")

@@ -31,9 +31,11 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 __all__ = [
+    "CLIENT_CLOSED",
     "JSON",
     "ApiError",
     "BadRequest",
@@ -74,6 +76,8 @@ ANTHROPIC_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+# nginx's status for "the client closed the request before the answer": nobody reads it.
+CLIENT_CLOSED = 499
 RETRY_AFTER = 5  # seconds, for every 503 the gateway answers itself
 
 
@@ -219,7 +223,13 @@ def _unexpected_error(request: Request, exc: Exception) -> Response:
     return _respond(request.url.path, 500, "internal error")
 
 
+def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client hung up while sending its body: nobody reads this answer, and it is no bug.
+    return Response(status_code=CLIENT_CLOSED)
+
+
 def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -78,6 +78,9 @@ ALLOWED_HEADERS = [
     "x-stainless-timeout",
     "x-api-key",
     "anthropic-version",
+    "anthropic-beta",
+    # The Anthropic SDK sends it from a browser (dangerouslyAllowBrowser).
+    "anthropic-dangerous-direct-browser-access",
     "X-Request-Id",
     "X-Oshepherd-Priority",
 ]

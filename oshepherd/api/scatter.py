@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from oshepherd.api.dispatcher import Dispatcher
-from oshepherd.api.errors import JSON, JobFailed, json_response
+from oshepherd.api.errors import CLIENT_CLOSED, JSON, JobFailed, json_response
 from oshepherd.api.gateway import gateway
 from oshepherd.api.jobstream import JobStream
 from oshepherd.api.watched import until_disconnect
@@ -35,8 +35,6 @@ __all__ = ["Reply", "applies", "collect", "scatter"]
 log = logging.getLogger(__name__)
 
 Part = dict[str, Any]
-# An HTTP status for "the client hung up before the answer": nobody will read it.
-CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)
