@@ -66,6 +66,7 @@ __all__ = [
     "job_id_from_channel",
     "model_queue",
     "new_id",
+    "queue_worker",
     "started_key",
     "worker_key",
     "worker_queue",
@@ -103,6 +104,12 @@ def model_queue(model: str) -> str:
 def worker_queue(worker_id: str) -> str:
     """Queue of jobs aimed at one worker (model management on its host)."""
     return f"{PREFIX}.worker.{worker_id}"
+
+
+def queue_worker(queue: str) -> str | None:
+    """The worker a ``worker_queue`` is aimed at; None for a model's queue."""
+    prefix = worker_queue("")
+    return queue[len(prefix) :] if queue.startswith(prefix) else None
 
 
 def worker_key(worker_id: str) -> str:

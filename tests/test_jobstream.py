@@ -10,7 +10,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from oshepherd.api.errors import JobFailed, QueueTimeout, RedisUnavailable
+from oshepherd.api.errors import JobFailed, NoHealthyWorker, QueueTimeout, RedisUnavailable
 from oshepherd.api.inbox import LOST, Inbox, Inboxes
 from oshepherd.api.jobstream import LIVENESS_TICK, JobStream, Liveness
 from oshepherd.protocol import CANCEL_ALL, Data, End, Error, Frame, Head, Job, Ping, Start
@@ -34,9 +34,13 @@ class Fleet:
         self.reruns: list[str | None] = []
         self._rerun = rerun
         self._lost = lost
+        self.takers_left = True
 
     def alive(self, worker: str) -> bool:
         return worker not in self.dead
+
+    def takers(self, job: Job) -> bool:
+        return self.takers_left
 
     async def supersede(self, job: Job, message: bytes) -> bool:
         """Whether the attempt left its queue without starting (then it never will)."""
@@ -61,7 +65,12 @@ def stream(
     latest = None if deadline is None else time.time() + deadline
     job = Job("j1", "channel", "POST", "/api/chat", "{}", "m:latest", latest)
     liveness = Liveness(
-        alive=fleet.alive, supersede=fleet.supersede, queue_timeout=deadline, stall_timeout=stall
+        alive=fleet.alive,
+        supersede=fleet.supersede,
+        takers=fleet.takers,
+        queue_timeout=deadline,
+        stall_timeout=stall,
+        orphaned_after=0.5,
     )
     jobs = JobStream(
         job, b"message-0", inbox, liveness=liveness, cancel=fleet.cancel, rerun=fleet.rerun
@@ -185,3 +194,26 @@ async def test_a_silent_worker_stalls_with_504() -> None:
     with pytest.raises(JobFailed, match="worker w1 stalled") as failed:
         await jobs.next()
     assert failed.value.status == 504
+
+
+async def test_a_job_no_live_worker_can_take_fails_after_a_grace_and_is_withdrawn() -> None:
+    fleet = Fleet()
+    fleet.takers_left = False  # its model's only worker died while the job waited
+    jobs, _ = stream(fleet, deadline=None)
+    with pytest.raises(NoHealthyWorker) as failed:
+        await jobs.head()
+    assert (failed.value.status, failed.value.retry_after) == (503, 5)
+    await jobs.close()
+    assert fleet.cancels == [(CANCEL_ALL, b"message-0")]
+
+
+async def test_a_worker_that_comes_back_in_time_keeps_the_job_waiting() -> None:
+    fleet = Fleet()
+    fleet.takers_left = False
+    jobs, _ = stream(fleet, deadline=None)
+    with anyio.move_on_after(LIVENESS_TICK * 1.2):  # one look: orphaned, within the grace
+        await jobs.head()
+    fleet.takers_left = True  # a worker restarted
+    with anyio.move_on_after(2 * LIVENESS_TICK) as still_waiting:
+        await jobs.head()
+    assert still_waiting.cancelled_caught

@@ -36,6 +36,7 @@ from oshepherd.protocol import (
     celery_message,
     model_queue,
     new_id,
+    queue_worker,
     started_key,
     worker_queue,
 )
@@ -59,6 +60,7 @@ class Dispatcher:
         self._liveness = Liveness(
             alive=registry.alive,
             supersede=self._supersede,
+            takers=self._takers,
             queue_timeout=settings.queue_timeout,
             stall_timeout=settings.stall_timeout,
         )
@@ -186,6 +188,13 @@ class Dispatcher:
                 await pipe.execute()
         except RedisError as exc:
             log.warning("job %s: could not cancel: %r", job.id, exc)
+
+    def _takers(self, job: Job) -> bool:
+        """Whether a live worker could take ``job``: one holding its model, or its target."""
+        target = queue_worker(job.queue)
+        if target is not None:
+            return self._registry.alive(target)
+        return any(self._registry.alive(w.id) for w in self._registry.holders(job.model))
 
     async def _supersede(self, job: Job, message: bytes) -> bool:
         """Forbid ``job``'s attempt to start if it has left its queue without starting

@@ -12,7 +12,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from oshepherd.api.errors import ApiError, JobFailed, QueueTimeout, RedisUnavailable
+from oshepherd.api.errors import (
+    ApiError,
+    JobFailed,
+    NoHealthyWorker,
+    QueueTimeout,
+    RedisUnavailable,
+    Unavailable,
+)
 from oshepherd.api.inbox import LOST, Inbox
 from oshepherd.protocol import (
     CANCEL_ALL,
@@ -26,9 +33,18 @@ from oshepherd.protocol import (
     ProtocolError,
     Start,
     decode_frame,
+    queue_worker,
 )
 
-__all__ = ["LIVENESS_TICK", "LOST_AFTER", "Cancel", "JobStream", "Liveness", "Rerun"]
+__all__ = [
+    "LIVENESS_TICK",
+    "LOST_AFTER",
+    "ORPHANED_AFTER",
+    "Cancel",
+    "JobStream",
+    "Liveness",
+    "Rerun",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +52,9 @@ LIVENESS_TICK = 1.0  # seconds of silence between two looks at the job's livenes
 # A job gone from its queue that no worker has reported starting this long (seconds) after
 # it was queued was lost with its worker (taken, then killed before it could start).
 LOST_AFTER = 3.0
+# A waiting job no live worker can take (every holder of its model, or its one target, is
+# gone) this long (seconds) fails: longer than a worker's restart, shorter than forever.
+ORPHANED_AFTER = 10.0
 
 # Make sure ``job`` never runs (on), or with ``before`` only its attempts before that one.
 Cancel = Callable[[Job, bytes, int], Awaitable[None]]
@@ -52,7 +71,9 @@ class Liveness:
     out (``QueueTimeout``). A job that has left its queue (a worker took it) with no
     ``Start`` ``LOST_AFTER`` seconds after it was queued was lost with a worker that died
     before it could start it: ``supersede`` makes sure, atomically with the worker's start
-    script, that this attempt never starts, and says whether it did so.
+    script, that this attempt never starts, and says whether it did so. A job that no live
+    worker could take (``takers``) for ``orphaned_after`` seconds fails with a 503: with no
+    queue deadline it would otherwise wait forever.
     Running: its worker's registry entry expired (the worker died), or no frame, not even
     a ``Ping``, came for ``stall_timeout`` seconds.
     A lost job is a retryable ``Error``: it never reached Ollama, or is no longer running.
@@ -63,18 +84,30 @@ class Liveness:
         *,
         alive: Callable[[str], bool],
         supersede: Callable[[Job, bytes], Awaitable[bool]],
+        takers: Callable[[Job], bool],
         queue_timeout: float | None,
         stall_timeout: float,
+        orphaned_after: float = ORPHANED_AFTER,
     ) -> None:
         self._alive = alive
         self._supersede = supersede
+        self.takers = takers
         self._queue_timeout = queue_timeout
         self._stall_timeout = stall_timeout
+        self._orphaned_after = orphaned_after
 
-    async def waiting(self, job: Job, message: bytes, waited: float) -> Error | None:
-        """A job not started after ``waited`` seconds in its queue; raises ``QueueTimeout``."""
+    async def waiting(
+        self, job: Job, message: bytes, waited: float, orphaned: float
+    ) -> Error | None:
+        """A job not started after ``waited`` seconds in its queue, ``orphaned`` of them
+        with no live worker to take it; raises ``QueueTimeout`` and ``Unavailable``."""
         if self._queue_timeout is not None and job.expired():
             raise QueueTimeout(self._queue_timeout)
+        if orphaned > self._orphaned_after:
+            target = queue_worker(job.queue)
+            raise (
+                Unavailable(f"worker {target} went away") if target else NoHealthyWorker(job.model)
+            )
         if waited < LOST_AFTER or not await self._supersede(job, message):
             return None
         log.warning("job %s: attempt %d left its queue but never started", job.id, job.attempt)
@@ -130,6 +163,7 @@ class JobStream:
         self._enqueued = time.monotonic()
         self._last_frame = 0.0
         self._seq = 0
+        self._orphaned_since: float | None = None
         self.worker: str | None = None
 
     async def close(self) -> None:
@@ -199,8 +233,15 @@ class JobStream:
 
     async def _check(self) -> Error | None:
         if self.worker is None:
-            waited = time.monotonic() - self._enqueued
-            return await self._liveness.waiting(self.job, self._message, waited)
+            now = time.monotonic()
+            if self._liveness.takers(self.job):
+                self._orphaned_since = None
+            elif self._orphaned_since is None:
+                self._orphaned_since = now
+            orphaned = 0.0 if self._orphaned_since is None else now - self._orphaned_since
+            return await self._liveness.waiting(
+                self.job, self._message, now - self._enqueued, orphaned
+            )
         return self._liveness.running(self.job, self.worker, time.monotonic() - self._last_frame)
 
     def _fail(self, error: ApiError) -> NoReturn:
