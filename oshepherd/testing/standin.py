@@ -953,12 +953,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m oshepherd.testing.standin", description=__doc__
     )
-    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--port", type=int, default=11434, help="port on 127.0.0.1 [11434]")
     parser.add_argument("--models", default="llama3:latest", help="comma-separated model names")
-    parser.add_argument("--latency", type=float, default=0.0)
-    parser.add_argument("--token-delay", type=float, default=0.0)
-    parser.add_argument("--tokens", type=int, default=5)
-    parser.add_argument("--max-parallel", type=int, default=None)
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds before the first token [0]"
+    )
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens [0]")
+    parser.add_argument("--tokens", type=int, default=5, help="tokens per answer [5]")
+    parser.add_argument(
+        "--max-parallel", type=int, default=None, help="requests run at once; more wait [no limit]"
+    )
     args = parser.parse_args(argv)
     stand = StandIn(
         [m for m in args.models.split(",") if m],
