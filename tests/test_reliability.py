@@ -265,6 +265,12 @@ def test_redis_outage_fails_fast_then_heals_by_itself(
     server.stop()
     during = httpx.post(fleet.url + GENERATE, json=body, timeout=10)
     assert during.status_code == 503 and during.headers["retry-after"]
+
+    def listing_refused() -> bool:  # not an empty fleet: the registry is out of date
+        tags = httpx.get(fleet.url + "/api/tags", timeout=5)
+        return tags.status_code == 503 and "Redis" in tags.json()["error"]
+
+    wait_until(listing_refused, 10, "/api/tags refused while Redis is gone")
     server.start()  # same port, empty: queues and registry rebuild from the workers
 
     def served() -> bool:

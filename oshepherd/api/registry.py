@@ -54,6 +54,11 @@ class Registry:
             self._install(workers)
             self._refreshed = time.monotonic()
 
+    @property
+    def current(self) -> bool:
+        """Refreshed from Redis within the last three refresh intervals (at least 3 s)."""
+        return time.monotonic() - self._refreshed <= max(3 * self._interval, 3.0)
+
     async def refresh_if_older(self, age: float) -> None:
         """Refresh now unless the view is younger than ``age`` seconds (a cheap miss path)."""
         if time.monotonic() - self._refreshed > age:

@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 from oshepherd import durations
 from oshepherd.api import scatter
 from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
-from oshepherd.api.errors import BadRequest, json_response
+from oshepherd.api.errors import BadRequest, RedisUnavailable, json_response
 from oshepherd.api.fanout import Fanout, FanoutResponse
 from oshepherd.api.gateway import gateway
 from oshepherd.api.relay import RelayResponse
@@ -190,7 +190,12 @@ async def ps(request: Request) -> Response:
 
 
 def healthy_workers(request: Request) -> list[WorkerEntry]:
-    return gateway(request).registry.healthy()
+    """The fleet's healthy workers, by id; ``RedisUnavailable`` when the registry is not
+    current (Redis is gone: an empty fleet would be a lie)."""
+    registry = gateway(request).registry
+    if not registry.current:
+        raise RedisUnavailable("the fleet's registry is out of date")
+    return registry.healthy()
 
 
 def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
