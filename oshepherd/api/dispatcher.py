@@ -89,8 +89,15 @@ class Dispatcher:
                 raise ModelNotFound(model)
             if not self._registry.healthy_holders(name):
                 raise NoHealthyWorker(model)
-        queue = model_queue(name)
-        return await self._start(method, path, body, name, queue, residency, content_type)
+        return await self._start(
+            method,
+            path,
+            body,
+            model_queue(name),
+            model=name,
+            residency=residency,
+            content_type=content_type,
+        )
 
     async def submit_to(
         self,
@@ -104,8 +111,9 @@ class Dispatcher:
     ) -> JobStream:
         """Queue a job for one worker (model management on its host); never re-run.
         ``upload`` names the blob upload whose items are the body (``Job.upload``)."""
-        queue = worker_queue(worker_id)
-        return await self._start(method, path, body, "", queue, residency, upload=upload)
+        return await self._start(
+            method, path, body, worker_queue(worker_id), residency=residency, upload=upload
+        )
 
     async def refresh_registry(self, max_age: float = 0.25) -> None:
         """Refresh the view if older than ``max_age`` seconds; raises ``RedisUnavailable``."""
@@ -119,19 +127,20 @@ class Dispatcher:
         method: str,
         path: str,
         body: str,
-        model: str,
         queue: str,
-        residency: str,
-        content_type: str = "",
         *,
+        model: str = "",
+        residency: str = "",
+        content_type: str = "",
         upload: str = "",
     ) -> JobStream:
+        """Queue a job on ``queue`` (the optional fields are ``Job``'s)."""
         job_id = new_id()
         channel = self._inboxes.channel(job_id)
         job = Job(
-            job_id, channel, method, path, body, model, 0.0, 0, queue, residency, content_type
-        )
-        job.upload = upload
+            job_id, channel, method, path, body, model, None, queue=queue, residency=residency,
+            content_type=content_type, upload=upload,
+        )  # fmt: skip
         inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
         try:
             message = await self._enqueue(job)
