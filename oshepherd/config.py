@@ -17,6 +17,8 @@ from pydantic import AliasChoices, AliasPath, Field, field_validator, model_vali
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from oshepherd.keys import parse_networks
+
 __all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "env_names", "load", "redacted"]
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -78,12 +80,22 @@ class ApiSettings(CommonSettings):
     shutdown_grace: float = Field(default=30.0, ge=0)
     ollama_origins: str = Field(default="", description="extra CORS origins, comma-separated")
     embed_batch_size: int = Field(default=256, ge=1)
+    # Client addresses: a global allowlist, and the proxies whose X-Forwarded-For is believed
+    # (uvicorn's forwarded_allow_ips; none by default, so no client can spoof its address).
+    allow_ips: str = Field(default="", description="CIDRs that may call, comma-separated")
+    trusted_proxies: str = Field(default="", description="CIDRs of trusted proxies")
 
     @field_validator("queue_timeout", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         """``QUEUE_TIMEOUT=`` (as a template leaves it) means no limit, like no setting."""
         return None if value == "" else value
+
+    @field_validator("allow_ips", "trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: str) -> str:
+        """Comma-separated CIDRs (an address alone is its /32 or /128), normalized."""
+        return ",".join(parse_networks(value, "CIDRs"))
 
 
 class WorkerSettings(CommonSettings):

@@ -34,11 +34,14 @@ __all__ = [
     "CANCEL_ALL",
     "CANCEL_CHANNEL",
     "ENQUEUE_SCRIPT",
+    "KEYS",
+    "KEYS_VERSION",
     "LOAD",
     "MODEL_CHANGING_PATHS",
     "START_SCRIPT",
     "SUPERSEDE_SCRIPT",
     "TASK_NAME",
+    "TENANTS",
     "UNLOAD",
     "WORKERS_INDEX",
     "BlobAbort",
@@ -76,6 +79,12 @@ PREFIX = "oshepherd"
 TASK_NAME = "oshepherd.run_job"
 JSON_BODY = "application/json"  # the Content-Type of a job's JSON body
 WORKERS_INDEX = f"{PREFIX}:workers"  # zset: worker id -> expiry (epoch s); readers never SCAN
+# API keys (``oshepherd.keys``): hash sha256(secret) hex -> ApiKey JSON; the version is
+# INCRed by every change, which each API replica polls to reload its table; the tenants are
+# the keys' ids (the workers read them, never the keys).
+KEYS = f"{PREFIX}:keys"
+KEYS_VERSION = f"{PREFIX}:keys:version"
+TENANTS = f"{PREFIX}:tenants"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # one channel; the message is the job id
 # Jobs on these paths change what a host holds: the worker re-registers before it answers,
 # so the API's next look at the registry sees the change.

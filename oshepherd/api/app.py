@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import re
 from collections.abc import AsyncIterator
@@ -13,6 +16,7 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.middleware import Middleware
 
 from oshepherd import __version__
+from oshepherd.api.auth import Authenticate, KeyTable
 from oshepherd.api.coalesce import CoalescingHttpProtocol
 from oshepherd.api.errors import install_handlers
 from oshepherd.api.gateway import Gateway
@@ -28,8 +32,11 @@ from oshepherd.api.protections import (
 )
 from oshepherd.api.routes import anthropic, manage, ollama, openai
 from oshepherd.config import ApiSettings
+from oshepherd.keys import parse_networks
 
 __all__ = ["create_app", "protections", "serve"]
+
+log = logging.getLogger(__name__)
 
 # FastAPI's built-in OpenTelemetry middleware costs about a fifth of a request's time in
 # the API process; a gateway on the hot path of every token does without it.
@@ -42,14 +49,23 @@ NO_TELEMETRY: TelemetryConfig = {
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
+    keys = KeyTable()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.build(settings)
         await gw.start()
         app.state.gateway = gw
+        app.state.keys = keys
+        with contextlib.suppress(Exception):  # run_forever reports it and tries again
+            await keys.refresh(gw.redis)
+        _warn_if_open(settings, keys)
+        polling = asyncio.create_task(keys.run_forever(gw.redis))
         try:
             yield
         finally:
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
             await gw.stop()
 
     app = FastAPI(
@@ -59,7 +75,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         telemetry=NO_TELEMETRY,
-        middleware=protections(settings),
+        middleware=[
+            *protections(settings),
+            Middleware(Authenticate, table=keys, allow_ips=parse_networks(settings.allow_ips)),
+        ],
     )
     install_handlers(app)
     app.include_router(ollama.router)
@@ -87,8 +106,26 @@ def protections(settings: ApiSettings) -> list[Middleware]:
     ]
 
 
+def _warn_if_open(settings: ApiSettings, keys: KeyTable) -> None:
+    """Warn when the API listens beyond this machine and no key exists."""
+    if keys.keys or listens_on_loopback(settings.host):
+        return
+    log.warning(
+        "the API listens on %s and no API key exists: anyone who reaches it can run, pull "
+        "and delete models on every host of the fleet. Create a key to require one on "
+        "every request: oshepherd keys create --name admin --scope admin",
+        settings.host,
+    )
+
+
 def serve(settings: ApiSettings) -> None:
-    """Run the API until SIGINT/SIGTERM; in-flight streams get ``shutdown_grace`` seconds."""
+    """Run the API until SIGINT/SIGTERM; in-flight streams get ``shutdown_grace`` seconds.
+
+    The client's address is the socket peer's, or, when the peer is one of
+    ``TRUSTED_PROXIES``, the one its ``X-Forwarded-For`` names (uvicorn's proxy headers;
+    uvicorn itself would trust 127.0.0.1, so a local client could spoof any address).
+    """
+    trusted = settings.trusted_proxies
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -98,4 +135,6 @@ def serve(settings: ApiSettings) -> None:
         log_level=settings.loglevel.lower(),
         access_log=settings.loglevel == "DEBUG",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted.split(",") if trusted else [],
     )

@@ -4,14 +4,18 @@ Every error the API answers itself is an ``ApiError``, raised anywhere and trans
 the edge (``install_handlers``, or a response that has already begun) into the shape of
 the route's surface: Ollama's ``{"error": "..."}`` on ``/api``, Anthropic's
 ``{"type": "error", "error": {"type", "message"}}`` on ``/v1/messages``, OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` on the rest of ``/v1``. Redis errors are
-translated where they enter (``RedisUnavailable``); a worker's failure arrives as an
-``Error`` frame and leaves as ``JobFailed``.
+``{"error": {"message", "type", "param", "code"}}`` on the rest of ``/v1``. An error with a
+machine-readable ``code`` (``invalid_api_key``...) carries it beside ``error`` on ``/api``,
+in ``error.code`` on OpenAI's surface and beside ``type`` and ``message`` on Anthropic's.
+Redis errors are translated where they enter (``RedisUnavailable``); a worker's failure
+arrives as an ``Error`` frame and leaves as ``JobFailed``.
 
 The tree, with each class's HTTP status (and ``Retry-After`` seconds)::
 
     ApiError                  any status, any message
     ├── BadRequest            400  the request itself is wrong
+    ├── Unauthorized          401  no API key, or one the gateway does not know
+    ├── Forbidden             403  the key (or the client's address) may not do this
     ├── ContentTooLarge       413  the body is over MAX_BODY_BYTES
     ├── ModelNotFound         404  no live worker's host has the model
     ├── JobFailed             the worker's status (502: its Ollama went away, ...)
@@ -40,12 +44,14 @@ __all__ = [
     "ApiError",
     "BadRequest",
     "ContentTooLarge",
+    "Forbidden",
     "JobFailed",
     "ModelNotFound",
     "NoHealthyWorker",
     "QueueFull",
     "QueueTimeout",
     "RedisUnavailable",
+    "Unauthorized",
     "Unavailable",
     "error_body",
     "error_line",
@@ -59,6 +65,9 @@ __all__ = [
 JSON = "application/json; charset=utf-8"
 OPENAI_TYPES = {
     400: "invalid_request_error",
+    # OpenAI's own 401 (code "invalid_api_key") and 403 are invalid_request_errors.
+    401: "invalid_request_error",
+    403: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -82,19 +91,41 @@ RETRY_AFTER = 5  # seconds, for every 503 the gateway answers itself
 
 
 class ApiError(Exception):
-    """An error the gateway answers itself: an HTTP ``status``, a ``message``, and the
-    ``Retry-After`` seconds to send, if any."""
+    """An error the gateway answers itself: an HTTP ``status``, a ``message``, the
+    ``Retry-After`` seconds to send, if any, and a machine-readable ``code``, if any."""
 
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.code = code
 
 
 class BadRequest(ApiError):
-    def __init__(self, message: str) -> None:
-        super().__init__(400, message)
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(400, message, code=code)
+
+
+class Unauthorized(ApiError):
+    """401: a key is needed and none, or none the gateway knows, was given."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(401, message, code=code)
+
+
+class Forbidden(ApiError):
+    """403: the key's scope or models, or the client's address, do not allow the request."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(403, message, code=code)
 
 
 class ContentTooLarge(ApiError):
@@ -156,16 +187,21 @@ def is_anthropic(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
-def error_body(path: str, status: int, message: str) -> bytes:
-    """The error object a client of ``path``'s surface expects, as JSON bytes."""
+def error_body(path: str, status: int, message: str, code: str | None = None) -> bytes:
+    """The error object a client of ``path``'s surface expects, as JSON bytes; ``code``,
+    when given, is added where that surface keeps a machine-readable code."""
     if is_anthropic(path):
         fallback = "invalid_request_error" if 400 <= status < 500 else "api_error"
-        kind = ANTHROPIC_TYPES.get(status, fallback)
-        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+        error = {"type": ANTHROPIC_TYPES.get(status, fallback), "message": message}
+        if code is not None:
+            error["code"] = code
+        return orjson.dumps({"type": "error", "error": error})
     if is_openai(path):
         kind = OPENAI_TYPES.get(status, "api_error")
-        detail = {"message": message, "type": kind, "param": None, "code": None}
+        detail = {"message": message, "type": kind, "param": None, "code": code}
         return orjson.dumps({"error": detail})
+    if code is not None:
+        return orjson.dumps({"error": message, "code": code})
     return orjson.dumps({"error": message})
 
 
@@ -187,13 +223,17 @@ def json_response(
 def error_response(path: str, exc: ApiError) -> Response:
     """``exc`` as the response a client of ``path``'s surface expects."""
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return _respond(path, exc.status, exc.message, headers)
+    return _respond(path, exc.status, exc.message, headers, exc.code)
 
 
 def _respond(
-    path: str, status: int, message: str, headers: Mapping[str, str] | None = None
+    path: str,
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    code: str | None = None,
 ) -> Response:
-    body = error_body(path, status, message)
+    body = error_body(path, status, message, code)
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
