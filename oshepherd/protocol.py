@@ -427,7 +427,12 @@ class Data(Frame):
 
 @dataclass(slots=True, kw_only=True)
 class End(Frame):
-    """The response is complete; ``body`` is its rest."""
+    """The response is complete; ``body`` is its rest.
+
+    ``prompt_tokens`` and ``completion_tokens`` are what Ollama counted for the request, read
+    by the worker from its final chunk or ``usage`` fields (``oshepherd.tokens``), 0 when it
+    gave none; ``eval_duration`` is Ollama's generation time in nanoseconds, 0 when unknown.
+    """
 
     kind: ClassVar[str] = "end"
 
@@ -482,6 +487,10 @@ def decode_frame(raw: bytes) -> Frame:
         value = header.get(name)
         if type(value) is not expected:  # exact: a bool is no status, an int no flag
             raise ProtocolError(f"malformed {kind} frame: {name!r} must be {expected.__name__}")
+    # With ``last``: the tokens Ollama counted, as ``End``'s (0 otherwise).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    eval_duration: int = 0
         values[name] = value
     return cls(**values)
 
@@ -496,6 +505,9 @@ class WorkerEntry:
     empty from a host without that route or an older worker.
     """
 
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    eval_duration: int = 0
     id: str
     hostname: str
     ollama_url: str

@@ -551,16 +551,16 @@ class StandIn:
             return {"index": 0, "delta" if stream else "message": message, "finish_reason": finish}
 
         def chunk(i: int) -> bytes:
-            return _event({**head, "choices": [choice(texts[i], None)]})
+            return event([choice(texts[i], None)])
 
         def last() -> bytes:
             if not stream:
                 return orjson.dumps(
                     {**base, "choices": [choice("".join(texts), "stop")], "usage": usage}
                 )
-            out = _event({**head, "choices": [choice("", "stop")]})
-            if (body.get("stream_options") or {}).get("include_usage"):
-                out += _event({**head, "choices": [], "usage": usage})
+            out = event([choice("", "stop")])
+            if with_usage:
+                out += event([], usage)
             return out + b"data: [DONE]\n\n"
 
         chunks = self._emit(
@@ -575,6 +575,8 @@ class StandIn:
     def _progress(self, body: Body, steps: list[Body]) -> Response:
         """Pull, push or create progress: each step written on its own, `progress_delay`
         apart (Ollama's streamResponse flushes every line); the last alone without stream."""
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
         if body.get("stream") is False:
             return _json(steps[-1])
 
@@ -582,6 +584,18 @@ class StandIn:
             for step in steps:
                 await asyncio.sleep(self.progress_delay)
                 yield _line(step)
+        def event(choices: list[Body], counts: Body | None = None) -> bytes:
+            """A chunk in Ollama's field order: a completion's ``choices`` come before its
+            ``model`` (``openai.CompletionChunk``), and with ``include_usage`` each of its
+            chunks carries a zero ``usage`` (``middleware/openai.go``, CompleteWriter)."""
+            if chat:
+                return _event({**head, "choices": choices, **({"usage": counts} if counts else {})})
+            obj = {k: head[k] for k in ("id", "object", "created")}
+            obj |= {"choices": choices, "model": head["model"], "system_fingerprint": "fp_ollama"}
+            if with_usage:
+                obj["usage"] = counts or dict.fromkeys(usage, 0)
+            return _event(obj)
+
 
         return StreamingResponse(paced(), media_type=NDJSON)
 

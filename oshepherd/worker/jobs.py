@@ -21,6 +21,7 @@ from oshepherd.protocol import (
     cancel_key,
     started_key,
 )
+from oshepherd.tokens import NO_COUNTS, TokenMeter, UsageProbe
 from oshepherd.worker.blobs import BlobRelay
 from oshepherd.worker.ollama import OllamaHost, OllamaStreamBroke, OllamaUnreachable
 from oshepherd.worker.outbox import Outbox
@@ -122,11 +123,21 @@ class JobRunner:
         await self._on_models_changed()
 
     async def _relay(self, job: Job, outbox: Outbox) -> None:
+        body, content_type = job.content()
+        meter = TokenMeter.for_path(job.path)
+        probe = UsageProbe.for_request(job.path, body) if not job.content_type else None
         try:
-            async with self._host.send(job.method, job.path, *job.content()) as response:
+            sent = probe.body if probe is not None else body
+            async with self._host.send(job.method, job.path, sent, content_type) as response:
                 outbox.start(response.status, response.content_type)
+                if not response.content_type.startswith("text/event-stream"):
+                    probe = None  # an error: Ollama's JSON, as it wrote it
                 async for chunk in response.chunks():
-                    outbox.write(chunk)
+                    if meter is not None:
+                        meter.feed(chunk)
+                    outbox.write(probe.filter(chunk) if probe is not None else chunk)
+                if probe is not None:
+                    outbox.write(probe.rest())
                 if job.path in MODEL_CHANGING_PATHS:
                     await self._on_models_changed()
                 elif job.residency:
@@ -134,7 +145,7 @@ class JobRunner:
                 elif self._loaded_by(job, response.status):
                     # An unload straight after must find this host: advertise it first.
                     await self._on_models_changed()
-                outbox.finish()
+                outbox.finish(meter.counts() if meter is not None else NO_COUNTS)
         except OllamaUnreachable as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
             log.warning("job %s: %s: %s", job.id, message, exc)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from oshepherd.protocol import Data, End, Error, Frame, Head, Ping
+from oshepherd.tokens import NO_COUNTS, Counts
 
 __all__ = ["Outbox", "Publish"]
 
@@ -39,6 +40,7 @@ class Outbox:
         self._answer: tuple[int, str] | None = None  # Ollama's status and content type
         self._head_sent = False
         self._final: End | Error | None = None
+        self._counts = NO_COUNTS
         self._wake = asyncio.Event()
 
     # -- the reader's side: synchronous, never waits on Redis --------------------------
@@ -52,8 +54,10 @@ class Outbox:
         self._buffer += chunk
         self._wake.set()
 
-    def finish(self) -> None:
-        """Ollama's response is complete: flush everything, including a partial last line."""
+    def finish(self, counts: Counts = NO_COUNTS) -> None:
+        """Ollama's response is complete: flush everything, including a partial last line;
+        the final frame carries the tokens Ollama counted."""
+        self._counts = counts
         self._close(End(seq=0, attempt=self._attempt))
 
     def fail(self, status: int, error: str, *, retry: bool = False) -> None:
@@ -95,15 +99,22 @@ class Outbox:
         await self._publish(replace(final, seq=self._seq))
 
     async def _publish_body(self, body: bytes, *, last: bool) -> None:
-        seq, attempt = self._seq, self._attempt
+        seq, attempt, counts = self._seq, self._attempt, self._counts
         if self._head_sent:
-            kind = End if last else Data
-            await self._publish(kind(seq=seq, attempt=attempt, body=body))
+            if last:
+                end = End(seq=seq, attempt=attempt, body=body, prompt_tokens=counts.prompt,
+                          completion_tokens=counts.completion,
+                          eval_duration=counts.eval_duration)  # fmt: skip
+                await self._publish(end)
+            else:
+                await self._publish(Data(seq=seq, attempt=attempt, body=body))
         elif self._answer is not None:
             self._head_sent = True
             status, content_type = self._answer
             head = Head(seq=seq, attempt=attempt, body=body, status=status,
-                        content_type=content_type, last=last)  # fmt: skip
+                        content_type=content_type, last=last, prompt_tokens=counts.prompt,
+                        completion_tokens=counts.completion,
+                        eval_duration=counts.eval_duration)  # fmt: skip
             await self._publish(head)
 
     def _take_complete(self) -> bytes:
