@@ -416,6 +416,10 @@ class Head(Frame):
     status: int
     content_type: str
     last: bool
+    # With ``last``: the tokens Ollama counted, as ``End``'s (0 otherwise).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    eval_duration: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -435,6 +439,9 @@ class End(Frame):
     """
 
     kind: ClassVar[str] = "end"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    eval_duration: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -487,10 +494,6 @@ def decode_frame(raw: bytes) -> Frame:
         value = header.get(name)
         if type(value) is not expected:  # exact: a bool is no status, an int no flag
             raise ProtocolError(f"malformed {kind} frame: {name!r} must be {expected.__name__}")
-    # With ``last``: the tokens Ollama counted, as ``End``'s (0 otherwise).
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    eval_duration: int = 0
         values[name] = value
     return cls(**values)
 
@@ -505,9 +508,6 @@ class WorkerEntry:
     empty from a host without that route or an older worker.
     """
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    eval_duration: int = 0
     id: str
     hostname: str
     ollama_url: str

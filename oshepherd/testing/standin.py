@@ -543,12 +543,26 @@ class StandIn:
         }
         head = {**base, "object": f"{kind}.chunk"} if chat else base
         usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
 
         def choice(text: str, finish: str | None) -> Body:
             if not chat:
                 return {"text": text, "index": 0, "finish_reason": finish}
             message = {"role": "assistant", "content": text}
             return {"index": 0, "delta" if stream else "message": message, "finish_reason": finish}
+
+        def event(choices: list[Body], counts: Body | None = None) -> bytes:
+            """A chunk in Ollama's field order: a completion's ``choices`` come before its
+            ``model`` (``openai.CompletionChunk``), and with ``include_usage`` each of its
+            chunks carries a zero ``usage`` (``middleware/openai.go``, CompleteWriter)."""
+            if chat:
+                return _event({**head, "choices": choices, **({"usage": counts} if counts else {})})
+            obj = {k: head[k] for k in ("id", "object", "created")}
+            obj |= {"choices": choices, "model": head["model"], "system_fingerprint": "fp_ollama"}
+            if with_usage:
+                obj["usage"] = counts or dict.fromkeys(usage, 0)
+            return _event(obj)
 
         def chunk(i: int) -> bytes:
             return event([choice(texts[i], None)])
@@ -575,8 +589,6 @@ class StandIn:
     def _progress(self, body: Body, steps: list[Body]) -> Response:
         """Pull, push or create progress: each step written on its own, `progress_delay`
         apart (Ollama's streamResponse flushes every line); the last alone without stream."""
-        options = body.get("stream_options")
-        with_usage = isinstance(options, dict) and options.get("include_usage") is True
         if body.get("stream") is False:
             return _json(steps[-1])
 
@@ -584,18 +596,6 @@ class StandIn:
             for step in steps:
                 await asyncio.sleep(self.progress_delay)
                 yield _line(step)
-        def event(choices: list[Body], counts: Body | None = None) -> bytes:
-            """A chunk in Ollama's field order: a completion's ``choices`` come before its
-            ``model`` (``openai.CompletionChunk``), and with ``include_usage`` each of its
-            chunks carries a zero ``usage`` (``middleware/openai.go``, CompleteWriter)."""
-            if chat:
-                return _event({**head, "choices": choices, **({"usage": counts} if counts else {})})
-            obj = {k: head[k] for k in ("id", "object", "created")}
-            obj |= {"choices": choices, "model": head["model"], "system_fingerprint": "fp_ollama"}
-            if with_usage:
-                obj["usage"] = counts or dict.fromkeys(usage, 0)
-            return _event(obj)
-
 
         return StreamingResponse(paced(), media_type=NDJSON)
 
