@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import orjson
 
 __all__ = [
-    "BLOB_ACK_SCRIPT",
     "BLOB_DATA",
     "BLOB_TTL",
     "CANCEL_ALL",
@@ -45,6 +44,7 @@ __all__ = [
     "UNLOAD",
     "WORKERS_INDEX",
     "BlobAbort",
+    "BlobAck",
     "BlobEnd",
     "Data",
     "End",
@@ -57,7 +57,7 @@ __all__ = [
     "Start",
     "WorkerEntry",
     "binary_body",
-    "blob_acks_key",
+    "blob_ack_channel",
     "blob_chunks_key",
     "blob_key",
     "cancel_key",
@@ -181,22 +181,14 @@ return 1
 
 # A blob upload (POST /api/blobs/:digest) reaches each target worker as the items of a list
 # of its own: data (the ``BLOB_DATA`` tag, then raw bytes), then ``BlobEnd`` (every byte
-# sent, the digest checked) or ``BlobAbort``. The worker acks each item it takes, so the API
-# keeps at most a small window ahead of the slowest worker. Every key expires ``BLOB_TTL``
-# seconds after the API last refreshed it: an upload whose API went away leaves nothing.
+# sent, the digest checked) or ``BlobAbort``. The worker acks each item it takes (``BlobAck``
+# on ``blob_ack_channel``: a worker pushes on no list), so the API keeps at most a small
+# window ahead of the slowest worker. Every key expires ``BLOB_TTL`` seconds after the API
+# last refreshed it: an upload whose API went away leaves nothing.
 BLOB_TTL = 15.0  # seconds
 BLOB_DATA = b"d"
 _BLOB_END = b"e"
 _BLOB_ABORT = b"a"
-# A worker took one item of ``upload``: push its id on the upload's acks, only while the
-# upload runs (its key exists), so that a late ack never outlives the upload. KEYS: upload
-# key, acks key. ARGV: worker id, TTL (ms). Returns 0 once the API has dropped the upload.
-BLOB_ACK_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
 
 
 def blob_key(upload_id: str) -> str:
@@ -209,9 +201,34 @@ def blob_chunks_key(upload_id: str, worker_id: str) -> str:
     return f"{PREFIX}:blob:{upload_id}:chunks:{worker_id}"
 
 
-def blob_acks_key(upload_id: str) -> str:
-    """The list the workers of an upload push their id on, once per item taken."""
-    return f"{PREFIX}:blob:{upload_id}:acks"
+def blob_ack_channel(job: Job) -> str:
+    """The channel the workers of the upload ``job.upload`` ack on (``BlobAck``).
+
+    It is a reply channel of the API that runs the upload (``job_channel(api, upload id)``):
+    its one pattern subscription covers it, a worker publishes there as on any reply
+    channel, and an ack published after the upload ended is gone (Pub/Sub keeps nothing).
+    """
+    return f"{job.channel.rpartition(':')[0]}:{job.upload}"
+
+
+@dataclass(slots=True, frozen=True)
+class BlobAck:
+    """A worker has taken ``taken`` items of an upload so far (a count, not a delta: an
+    ack lost with a dropped connection is made up for by the next one)."""
+
+    worker: str
+    taken: int
+
+    def encode(self) -> bytes:
+        return f"{self.taken} {self.worker}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> BlobAck:
+        """Raises ``ProtocolError`` for anything but an ack."""
+        taken, _, worker = raw.decode(errors="replace").partition(" ")
+        if not taken.isdigit() or not worker:
+            raise ProtocolError(f"malformed blob ack: {raw[:64]!r}")
+        return cls(worker, int(taken))
 
 
 @dataclass(slots=True, frozen=True)

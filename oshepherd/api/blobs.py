@@ -8,7 +8,7 @@ Workers may sit behind NAT and only connect out to Redis, so the bytes travel th
                       ▼
                     Redis ──BLPOP──▶ worker ──chunked POST /api/blobs/<digest>──▶ its Ollama
                       ▲                 │
-                      └──── acks ───────┘
+                      └── acks (PUBLISH)┘
 
 Each target gets a job on its own queue naming the upload (``Job.upload``), and answers
 with its Ollama's status, followed like any fan-out (``oshepherd.api.fanout``). At the end
@@ -17,6 +17,13 @@ and the hosts finish the blob; if not, with ``BlobAbort``, and the workers break
 requests off, so no host keeps a byte (Ollama itself would keep the blob under its real
 digest). A target that ends early (its host had the blob: 200; or it failed) gets no more
 chunks; once every target has ended, the rest of the body is left unread, as Ollama does.
+
+A worker acks each chunk it takes with the count it has taken (``protocol.BlobAck``),
+published on a reply channel of this API's named by the upload (``blob_ack_channel``): it
+arrives through the process's one Pub/Sub subscription (``Inboxes``), a worker needs no
+list push, and an ack that comes after the upload has ended is simply not delivered. Acks
+lost with a dropped connection cost a tick: the lengths of the full targets' lists then
+tell how many chunks they took.
 
 Memory stays bounded whatever the blob's size: the API holds one chunk, Redis at most
 ``WINDOW`` per target, a worker one. A client that hangs up cancels every job (their
@@ -32,7 +39,6 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -43,14 +49,16 @@ from starlette.types import Receive, Scope, Send
 from oshepherd.api.dispatcher import Dispatcher
 from oshepherd.api.errors import ApiError, RedisUnavailable, error_response
 from oshepherd.api.fanout import Fanout
+from oshepherd.api.inbox import LOST, Inbox, Inboxes
 from oshepherd.api.watched import until_disconnect
 from oshepherd.protocol import (
     BLOB_DATA,
     BLOB_TTL,
     BlobAbort,
+    BlobAck,
     BlobEnd,
+    ProtocolError,
     WorkerEntry,
-    blob_acks_key,
     blob_chunks_key,
     blob_key,
     new_id,
@@ -62,7 +70,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per list item (at least; a read of the body is never split)
 WINDOW = 4  # chunks a target may lag behind: what Redis holds for it, at most
-TICK = 0.5  # seconds between looks at ended targets while a window is full
+TICK = 0.5  # seconds between looks at ended targets (and at lists) while a window is full
 TTL_MS = int(BLOB_TTL * 1000)
 
 
@@ -70,11 +78,17 @@ class BlobUpload:
     """One upload of the blob ``digest`` to ``targets``; ``run`` it, then ``close`` it."""
 
     def __init__(
-        self, redis: Redis, dispatcher: Dispatcher, digest: str, targets: Sequence[WorkerEntry]
+        self,
+        redis: Redis,
+        dispatcher: Dispatcher,
+        inboxes: Inboxes,
+        digest: str,
+        targets: Sequence[WorkerEntry],
     ) -> None:
         self._redis = redis
         self._digest = digest
         self._id = new_id()
+        self._acks: Inbox = inboxes.open(self._id)  # before any job: Pub/Sub keeps nothing
         self._fanout = Fanout(dispatcher, "blob upload", targets, progress=False)
         self._workers = [w.id for w in targets]
         self._live = list(self._workers)  # targets still taking chunks
@@ -112,6 +126,7 @@ class BlobUpload:
 
     async def close(self) -> None:
         """Cancel every job still running and delete the upload's keys."""
+        self._acks.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -166,18 +181,35 @@ class BlobUpload:
         self._sent += 1
 
     async def _wait_for_room(self) -> None:
-        """Until every live target has fewer than ``WINDOW`` chunks not yet acked."""
+        """Until every live target has fewer than ``WINDOW`` chunks not yet taken."""
         while True:
             await self._drop_ended()
-            if all(self._sent - self._acked[w] < WINDOW for w in self._live):
+            full = [w for w in self._live if self._sent - self._acked[w] >= WINDOW]
+            if not full:
                 return
+            raw = await self._acks.get(TICK)
+            if raw is None or raw == LOST:  # an ack may have been lost: the lists tell
+                await self._count_taken(full)
+                continue
             try:
-                popped = await self._redis.blpop([blob_acks_key(self._id)], timeout=TICK)
-            except RedisError as exc:
-                raise RedisUnavailable(exc) from exc
-            if popped is not None:
-                worker = cast(bytes, popped[1]).decode()  # no decode_responses
-                self._acked[worker] = self._acked.get(worker, 0) + 1
+                ack = BlobAck.decode(raw)
+            except ProtocolError as exc:
+                log.warning("blob upload %s: %s", self._id, exc)
+                continue
+            if ack.worker in self._acked:  # a count never above what was sent
+                self._acked[ack.worker] = max(self._acked[ack.worker], min(ack.taken, self._sent))
+
+    async def _count_taken(self, workers: Sequence[str]) -> None:
+        """What ``workers`` took, from what is left on their lists."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for worker in workers:
+                    pipe.llen(blob_chunks_key(self._id, worker))
+                lengths = await pipe.execute()
+        except RedisError as exc:
+            raise RedisUnavailable(exc) from exc
+        for worker, length in zip(workers, lengths, strict=True):
+            self._acked[worker] = max(self._acked[worker], self._sent - int(length))
 
     async def _drop_ended(self) -> None:
         """Targets whose job has ended take no more chunks; their lists go."""
@@ -208,7 +240,7 @@ class BlobUpload:
                 log.warning("blob upload %s: TTLs not refreshed: %r", self._id, exc)
 
     def _keys(self, workers: Sequence[str]) -> list[str]:
-        keys = [blob_key(self._id), blob_acks_key(self._id)]
+        keys = [blob_key(self._id)]
         return keys + [blob_chunks_key(self._id, w) for w in workers]
 
 

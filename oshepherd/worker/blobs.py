@@ -2,8 +2,10 @@
 
 The API pushes the bytes of ``POST /api/blobs/<digest>`` on a list of this worker's
 (``protocol.blob_chunks_key``). ``BlobItems.body`` pops them (BLPOP), acks each one so
-the API may push the next (its window), and hands them to aiohttp, which streams them to
-the host's Ollama as a chunked request body: the worker holds one item at a time.
+the API may push the next (its window: a ``BlobAck`` published on the upload's channel,
+never a list push, which a worker's Redis user may not do), and hands them to aiohttp,
+which streams them to the host's Ollama as a chunked request body: the worker holds one
+item at a time.
 
 The body ends (EOF) only at ``BlobEnd``, once the API has checked the digest and the
 worker has counted every byte. An abort, an API gone, a short count or a cancelled job
@@ -18,17 +20,15 @@ from collections.abc import AsyncIterator
 from typing import NoReturn, cast
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from oshepherd.protocol import (
-    BLOB_ACK_SCRIPT,
-    BLOB_TTL,
     BlobAbort,
+    BlobAck,
     BlobEnd,
     Job,
     ProtocolError,
-    blob_acks_key,
+    blob_ack_channel,
     blob_chunks_key,
     blob_key,
     decode_blob_part,
@@ -53,12 +53,13 @@ class _Stopped(Exception):
 class BlobItems:
     """The items of one upload for this worker; ``failure`` says why the body broke off."""
 
-    def __init__(self, redis: Redis, ack: AsyncScript, upload: str, worker_id: str) -> None:
+    def __init__(self, redis: Redis, job: Job, worker_id: str) -> None:
         self._redis = redis
-        self._ack = ack
-        self._upload = upload
+        self._upload = job.upload
+        self._channel = blob_ack_channel(job)
         self._worker_id = worker_id
-        self._key = blob_chunks_key(upload, worker_id)
+        self._key = blob_chunks_key(job.upload, worker_id)
+        self._taken = 0
         self.failure: BlobAbort | None = None
 
     async def body(self) -> AsyncIterator[memoryview]:
@@ -93,9 +94,10 @@ class BlobItems:
         except ProtocolError as exc:
             self._fail(502, str(exc))
         if isinstance(item, memoryview):
-            keys = [blob_key(self._upload), blob_acks_key(self._upload)]
-            if not await self._ack(keys=keys, args=[self._worker_id, int(BLOB_TTL * 1000)]):
-                self._fail(502, "the gateway dropped the upload")
+            self._taken += 1
+            ack = BlobAck(self._worker_id, self._taken).encode()
+            if not await self._redis.publish(self._channel, ack):  # no API listens
+                self._fail(502, "the gateway went away during the upload")
         return item
 
     def _fail(self, status: int, error: str) -> NoReturn:
@@ -110,7 +112,6 @@ class BlobRelay:
         self._redis = redis
         self._host = host
         self._worker_id = worker_id
-        self._ack = redis.register_script(BLOB_ACK_SCRIPT)
 
     async def relay(self, job: Job, outbox: Outbox) -> None:
         """Stream the upload to Ollama and publish its answer (201, 200 or its error); a
@@ -120,7 +121,7 @@ class BlobRelay:
         ``HEAD`` first, so that an abort (the digest is wrong) can never race the early
         200 of a host that had the blob all along.
         """
-        items = BlobItems(self._redis, self._ack, job.upload, self._worker_id)
+        items = BlobItems(self._redis, job, self._worker_id)
         try:
             async with self._host.send("HEAD", job.path, b"", "") as head:
                 if head.status == 200:

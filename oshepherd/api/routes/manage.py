@@ -96,7 +96,7 @@ async def blob_upload(request: Request, digest: str) -> Response:
     if not DIGEST.fullmatch(digest):
         raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))
-    upload = BlobUpload(gw.redis, gw.dispatcher, digest, targets)
+    upload = BlobUpload(gw.redis, gw.dispatcher, gw.inboxes, digest, targets)
     return BlobUploadResponse(upload, request.url.path)
 
 
