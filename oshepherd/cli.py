@@ -1,16 +1,24 @@
-"""``oshepherd``: start-api, start-worker, and up (the whole stack in one command)."""
+"""``oshepherd``: start-api, start-worker, up (the whole stack in one command), and keys."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+import redis
+import rich.console
+import rich.table
 
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
+from oshepherd.keys import ApiKey, InvalidKey, KeyStore, UnknownKey, public
 from oshepherd.stack import Stack, StartError
 
 __all__ = ["main"]
@@ -126,3 +134,160 @@ def _start(
         )
         log.info("worker %s serves %s", worker.meta["id"], ollama)
     log.info("oshepherd is up at %s; Ctrl-C stops it", api.url)
+
+
+class _Limit(click.ParamType):
+    """A positive integer, or ``none`` (no limit: what ``keys update`` uses to remove one)."""
+
+    name = "N|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or value is None:
+            return value
+        if str(value).strip().lower() == "none":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a positive integer or 'none'", param, ctx)
+        return number
+
+
+def _key_options(command: Any) -> Any:
+    """The fields of a key, as ``keys create`` and ``keys update`` take them."""
+    options = [
+        click.option("--name", help="A name for people (need not be unique)."),
+        click.option("--scope", type=click.Choice(["user", "admin"]),
+                     help="user: inference, listing, show; admin: also pull, push, create, "
+                          "copy, delete, blobs, /oshepherd/* and key management [user]."),
+        click.option("--models", metavar="GLOB[,GLOB...]",
+                     help="Models the key may use, fnmatch globs on names ('llama3*,qwen*'; "
+                          "'llama3' is 'llama3:latest'); '' for every model [every model]."),
+        click.option("--priority", type=click.Choice(["high", "normal", "low"]),
+                     help="The key's level, and the most X-Oshepherd-Priority may ask [normal]."),
+        click.option("--max-concurrent", type=_Limit(),
+                     help="Requests at once, running and queued; 'none': no limit."),
+        click.option("--rpm", type=_Limit(), help="Requests per minute; 'none': no limit."),
+        click.option("--tokens-per-day", type=_Limit(),
+                     help="Prompt plus completion tokens per day; 'none': no limit."),
+        click.option("--allow-ips", metavar="CIDR[,CIDR...]",
+                     help="Client addresses that may use the key; '' for any [any]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _given(values: dict[str, Any], ctx: click.Context) -> dict[str, Any]:
+    """The key fields set on the command line (a limit given as 'none' included)."""
+    source = click.core.ParameterSource.COMMANDLINE
+    return {k: v for k, v in values.items() if ctx.get_parameter_source(k) == source}
+
+
+@contextmanager
+def _key_store(env_file: Path | None, redis_url: str | None) -> Iterator[KeyStore]:
+    """The key store in the Redis that ``start-api`` would use; Redis and key errors as
+    click's (a bad field is a usage error)."""
+    settings: ApiSettings = _settings(ApiSettings, env_file, celery_broker_url=redis_url)
+    try:
+        with redis.Redis.from_url(settings.redis, socket_connect_timeout=5) as client:
+            yield KeyStore(client)
+    except InvalidKey as exc:
+        raise click.UsageError(str(exc)) from exc
+    except UnknownKey as exc:
+        raise click.ClickException(str(exc)) from exc
+    except redis.RedisError as exc:
+        raise click.ClickException(f"Redis at {redacted(settings.redis)}: {exc}") from exc
+
+
+TABLE_WIDTH = 200  # columns of `keys list` when its output is not a terminal
+REDIS_URL = click.option("--redis-url", help="Redis URL [CELERY_BROKER_URL, REDIS_URL].")
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys: once one exists, every request needs one (docs/keys.md).
+
+    Keys live hashed in the Redis of start-api (--env-file and the environment, as
+    start-api reads them); a change reaches every API replica within a second.
+    """
+
+
+@keys_group.command("create")
+@ENV_FILE
+@REDIS_URL
+@_key_options
+@click.pass_context
+def keys_create(
+    ctx: click.Context, env_file: Path | None, redis_url: str | None, **values: Any
+) -> None:
+    """Create a key; its secret is printed once, alone on the last line."""
+    given = _given(values, ctx)
+    if "name" not in given:
+        raise click.UsageError("a key needs a name: --name NAME")
+    with _key_store(env_file, redis_url) as store:
+        secret, key = store.create(given)
+    click.echo(f"Created key {key.id} ({key.name!r}, scope {key.scope}). Its secret, shown")
+    click.echo("only now (requests send it as 'Authorization: Bearer <key>' or 'x-api-key'):")
+    click.echo(secret)
+
+
+@keys_group.command("list")
+@ENV_FILE
+@REDIS_URL
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of keys.")
+def keys_list(env_file: Path | None, redis_url: str | None, as_json: bool) -> None:
+    """List the keys (never their secrets), oldest first."""
+    with _key_store(env_file, redis_url) as store:
+        keys = store.list_keys()
+    if as_json:
+        click.echo(json.dumps([public(key) for key in keys], indent=2))
+        return
+    console = rich.console.Console()
+    if not console.is_terminal:
+        console = rich.console.Console(width=TABLE_WIDTH)  # piped: no column cut short
+    console.print(_keys_table(keys))
+
+
+def _keys_table(keys: list[ApiKey]) -> rich.table.Table:
+    table = rich.table.Table("id", "name", "scope", "models", "priority", "concurrent", "rpm",
+                             "tokens/day", "allow ips", "created")  # fmt: skip
+    for key in keys:
+        limits = (key.max_concurrent, key.rpm, key.tokens_per_day)
+        table.add_row(
+            key.id, key.name, key.scope, ",".join(key.models) or "*", key.priority,
+            *("-" if n is None else str(n) for n in limits), ",".join(key.allow_ips) or "any",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created)),
+        )  # fmt: skip
+    return table
+
+
+@keys_group.command("revoke")
+@ENV_FILE
+@REDIS_URL
+@click.argument("key")
+def keys_revoke(env_file: Path | None, redis_url: str | None, key: str) -> None:
+    """Revoke KEY (its id, or its name if no other key has it): at once on every replica."""
+    with _key_store(env_file, redis_url) as store:
+        revoked = store.revoke(key)
+    click.echo(f"Revoked key {revoked.id} ({revoked.name!r}).")
+
+
+@keys_group.command("update")
+@ENV_FILE
+@REDIS_URL
+@click.argument("key")
+@_key_options
+@click.pass_context
+def keys_update(
+    ctx: click.Context, env_file: Path | None, redis_url: str | None, key: str, **values: Any
+) -> None:
+    """Change the given fields of KEY (its id, or its name if no other key has it)."""
+    given = _given(values, ctx)
+    if not given:
+        raise click.UsageError("nothing to change: give at least one option")
+    with _key_store(env_file, redis_url) as store:
+        updated = store.update(key, given)
+    click.echo(f"Updated key {updated.id} ({updated.name!r}).")

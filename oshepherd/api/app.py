@@ -31,6 +31,7 @@ from oshepherd.api.protections import (
     origin_regex,
 )
 from oshepherd.api.routes import anthropic, manage, ollama, openai
+from oshepherd.api.routes import keys as key_routes
 from oshepherd.config import ApiSettings
 from oshepherd.keys import parse_networks
 
@@ -85,6 +86,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(manage.router)
     app.include_router(openai.router)
     app.include_router(anthropic.router)
+    app.include_router(key_routes.router)
     return app
 
 

@@ -14,6 +14,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from oshepherd.api.auth import check_model
 from oshepherd.api.errors import (
     ModelNotFound,
     NoHealthyWorker,
@@ -79,10 +80,12 @@ class Dispatcher:
         marks a load or unload (``Job.residency``), ``content_type`` a body that is not JSON
         (``Job.content_type``).
 
-        Raises ``ModelNotFound`` when no live worker has it, ``NoHealthyWorker`` when none
-        of those answers, ``QueueFull`` and ``RedisUnavailable``.
+        Raises ``Forbidden`` when the caller's key may not use it, ``ModelNotFound`` when no
+        live worker has it, ``NoHealthyWorker`` when none of those answers, ``QueueFull``
+        and ``RedisUnavailable``.
         """
         name = normalize(model)
+        check_model(name)
         if not self._registry.healthy_holders(name):
             await self.refresh_registry()
             if not self._registry.holders(name):

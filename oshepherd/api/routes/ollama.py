@@ -10,6 +10,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from oshepherd import durations
 from oshepherd.api import scatter
+from oshepherd.api.auth import check_model, may_use
 from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
 from oshepherd.api.errors import BadRequest, RedisUnavailable, json_response
 from oshepherd.api.fanout import Fanout, FanoutResponse
@@ -81,8 +82,9 @@ async def load_or_unload(
     """
     gw = gateway(request)
     if residency == UNLOAD:
-        await gw.dispatcher.refresh_registry(max_age=0.0)  # whoever loaded it just now too
         name = normalize(model)
+        check_model(name)
+        await gw.dispatcher.refresh_registry(max_age=0.0)  # whoever loaded it just now too
         targets = [
             w for w in healthy_workers(request) if any(entry_model(e) == name for e in w.running)
         ]
@@ -199,11 +201,14 @@ def healthy_workers(request: Request) -> list[WorkerEntry]:
 
 
 def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
-    """One entry per model across ``workers``, Ollama's shape plus the ``workers`` holding it."""
+    """One entry per model across ``workers`` that the caller may use (its key's models),
+    Ollama's shape plus the ``workers`` holding it."""
     by_name: dict[str, dict[str, Any]] = {}
     for worker in workers:
         for entry in getattr(worker, field):
             key = entry_model(entry)
+            if not may_use(key):
+                continue
             merged_entry = by_name.setdefault(key, {**entry, "workers": []})
             merged_entry["workers"].append(worker.id)
     return list(by_name.values())

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from oshepherd.api.auth import check_model
 from oshepherd.api.bodies import model_name, read_form
 from oshepherd.api.errors import ModelNotFound, json_response
 from oshepherd.api.gateway import gateway
@@ -76,6 +77,7 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(request: Request, model: str) -> Response:
     """One model, ``id`` echoed as asked (names hold ':' and '/', hence the path converter)."""
     wanted = normalize(model)
+    check_model(wanted)
     for entry in merged(healthy_workers(request), "models"):
         if entry_model(entry) == wanted:
             return json_response(_model(model, entry))
