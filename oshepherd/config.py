@@ -67,7 +67,9 @@ class ApiSettings(CommonSettings):
         default=None, gt=0, lt=VISIBILITY_TIMEOUT, description="latest start of a job (s)"
     )
     stall_timeout: float = Field(default=60.0, gt=0, description="silence that ends a job (s)")
-    max_queue_depth: int = Field(default=512, ge=1, description="jobs waiting per model")
+    max_queue_depth: int = Field(
+        default=512, ge=1, description="jobs waiting per model, tenant and priority"
+    )
     # Fits a vision chat whose history holds sixteen 3 MiB photos (base64: 4 MiB each); ten
     # are a 40 MiB body. A body is held whole, and measured per in-flight request of N bytes:
     # the API holds 2N while the job waits or runs (its text, and the queued message kept to
@@ -107,6 +109,11 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     ping_interval: float = Field(default=5.0, gt=0)
     shutdown_timeout: float = Field(default=60.0, ge=0, description="finish in-flight jobs (s)")
+    # A host that would have to load a model first leaves its jobs this long to hosts that
+    # have it loaded (docs/scheduling.md).
+    warm_wait: float = Field(
+        default=0.3, ge=0, le=60, description="wait for a warm host before loading (s)"
+    )
 
     @field_validator("ollama_base_url")
     @classmethod

@@ -37,6 +37,9 @@ __all__ = [
     "KEYS_VERSION",
     "LOAD",
     "MODEL_CHANGING_PATHS",
+    "OLDEST_SCRIPT",
+    "PRIORITY_STEP",
+    "PRIORITY_STEPS",
     "START_SCRIPT",
     "SUPERSEDE_SCRIPT",
     "TASK_NAME",
@@ -69,6 +72,7 @@ __all__ = [
     "job_id_from_channel",
     "model_queue",
     "new_id",
+    "queue_key",
     "queue_worker",
     "started_key",
     "worker_key",
@@ -102,17 +106,35 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def model_queue(model: str) -> str:
-    """Queue of jobs any worker holding ``model`` (normalized) may take.
+def model_queue(model: str, tenant: str = "") -> str:
+    """Queue of the jobs of ``tenant`` (a key id; "" without keys) that any worker holding
+    ``model`` (normalized) may take. Each tenant has its own, so that a worker's round robin
+    over its queues shares it among tenants (kombu's queue cycle).
 
-    Names contain ':' and '/', which is why kombu's ``sep`` must never be ':'.
+    Names contain ':' and '/', which is why kombu's ``sep`` must never be ':'; '|' never
+    occurs in an Ollama model name.
     """
-    return f"{PREFIX}.model.{model}"
+    return f"{PREFIX}.model.{model}|{tenant}" if tenant else f"{PREFIX}.model.{model}"
 
 
 def worker_queue(worker_id: str) -> str:
     """Queue of jobs aimed at one worker (model management on its host)."""
     return f"{PREFIX}.worker.{worker_id}"
+
+
+# kombu's Redis transport priority steps (the worker's transport option ``priority_steps``):
+# a queue is one Redis list per step, and a worker's BRPOP names every list of step 0 first,
+# then of step 3, then 6, so it takes the highest-priority job waiting on any of its queues.
+PRIORITY_STEPS = (0, 3, 6)
+PRIORITY_STEP = {"high": 0, "normal": 3, "low": 6}  # a request's priority level -> step
+_KOMBU_SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
+
+
+def queue_key(queue: str, step: int) -> str:
+    """The Redis list a message of priority ``step`` waits in on ``queue`` (kombu's
+    ``Channel._q_for_pri``): the queue's name for step 0, else the name, kombu's separator
+    and the step."""
+    return f"{queue}{_KOMBU_SEP}{step}" if step else queue
 
 
 def queue_worker(queue: str) -> str | None:
@@ -153,6 +175,18 @@ CANCEL_TTL = 3600
 ENQUEUE_SCRIPT = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
 return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
+# When the next message of each list in KEYS was queued (a worker pops from the right):
+# the ``queued`` field at the head of its envelope (see ``celery_message``), or false for
+# an empty list. Only a message's first bytes are searched, however large its body.
+OLDEST_SCRIPT = """
+local stamps = {}
+for i, key in ipairs(KEYS) do
+  local message = redis.call('LINDEX', key, -1)
+  local head = message and string.sub(message, 1, 64)
+  stamps[i] = head and string.match(head, '^{"queued":([%d%.eE+-]+)') or false
+end
+return stamps
 """
 # A worker claims a job: refused (0) when the cancel key forbids this attempt, else the
 # attempt is marked started and the start frame published (1), in one round trip.
@@ -303,6 +337,11 @@ class Job:
     are JSON), and both go to Ollama as the client sent them.
     ``upload`` names a blob upload whose items (``blob_chunks_key``) are the body, streamed
     to Ollama as they arrive; empty for every other job.
+    ``tenant`` is the key id of the caller ("" without keys) and ``priority`` its kombu
+    priority step (``PRIORITY_STEP``); the job waits in ``queue_key(queue, priority)``.
+    ``queued`` is when it was queued (epoch s), from when a host that would have to load
+    the model leaves it to hosts that have it loaded (the worker's ``WARM_WAIT``); 0.0 when
+    no live host had the model loaded then, so that a cold host takes it at once.
     """
 
     id: str
@@ -317,6 +356,14 @@ class Job:
     residency: str = ""
     content_type: str = ""
     upload: str = ""
+    tenant: str = ""
+    priority: int = PRIORITY_STEP["normal"]
+    queued: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """The Redis list the job waits in."""
+        return queue_key(self.queue, self.priority)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _JOB_FIELDS}
@@ -354,12 +401,14 @@ def celery_message(job: Job) -> bytes:
     Publishing it natively from asyncio costs one Redis command; ``apply_async`` is
     synchronous and several times slower. The body is plain JSON (no base64), which
     kombu accepts when ``body_encoding`` is absent. ``argsrepr`` names only the job id so
-    worker logs never carry prompts.
+    worker logs never carry prompts. The envelope starts with ``queued`` (kombu ignores it)
+    for ``OLDEST_SCRIPT``, which reads no further.
     """
     body = orjson.dumps(
         [[job.to_dict()], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
     envelope = {
+        "queued": job.queued,
         "body": body.decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -386,7 +435,7 @@ def celery_message(job: Job) -> bytes:
             "reply_to": "",
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": job.queue},
-            "priority": 0,
+            "priority": job.priority,
             "delivery_tag": new_id(),
         },
     }
@@ -549,3 +598,49 @@ class WorkerEntry:
             return cls(**orjson.loads(raw))
         except (orjson.JSONDecodeError, TypeError) as exc:
             raise ProtocolError(f"malformed registry entry: {exc}") from exc
+
+
+# Limits and usage per API key (``oshepherd.api.limits``, ``oshepherd.usage``): the API's
+# alone, no worker reads or writes them. Days are UTC dates, "YYYY-MM-DD".
+LIMITS_PREFIX = f"{PREFIX}:limits"
+USAGE_TTL = 400 * 86400  # seconds a day of usage is kept
+BUDGET_TTL = 2 * 86400  # seconds a day's token counter outlives its day's start
+
+
+def lease_key(tenant: str) -> str:
+    """Zset of ``tenant``'s concurrency leases: lease id -> expiry (epoch s)."""
+    return f"{LIMITS_PREFIX}:leases:{tenant}"
+
+
+def rate_key(tenant: str) -> str:
+    """``tenant``'s requests-per-minute state (pyrate-limiter's GCRA, its own hash)."""
+    return f"{LIMITS_PREFIX}:rpm:{tenant}"
+
+
+def budget_key(tenant: str, day: str) -> str:
+    """Tokens (prompt + completion) ``tenant`` has used on ``day``: an int."""
+    return f"{LIMITS_PREFIX}:tokens:{tenant}:{day}"
+
+
+def usage_key(day: str) -> str:
+    """Usage on ``day``: a hash ``<tenant>|<model>|<metric>`` -> int, where the metric is
+    ``requests``, ``prompt`` or ``completion`` (tokens) and the tenant "" means no key ('|'
+    occurs in neither a key id nor a model name)."""
+    return f"{PREFIX}:usage:{day}"
+
+
+# Admission of one request: refused (1) when the day's tokens reached the budget, else (2)
+# when the live leases (those not expired) reached the concurrency limit, else a lease is
+# taken (0). A limit of -1 is none. KEYS: lease key, budget key. ARGV: now (epoch s), lease
+# id, lease expiry (epoch s), max concurrent, token budget, lease key TTL (s).
+ADMIT_SCRIPT = """
+local budget = tonumber(ARGV[5])
+if budget >= 0 and tonumber(redis.call('GET', KEYS[2]) or 0) >= budget then return 1 end
+local most = tonumber(ARGV[4])
+if most < 0 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= most then return 2 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 0
+"""

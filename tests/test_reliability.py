@@ -13,7 +13,7 @@ import psutil
 import pytest
 import redis
 
-from oshepherd.protocol import model_queue, worker_key
+from oshepherd.protocol import PRIORITY_STEP, model_queue, queue_key, worker_key
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component, wait_until
 from oshepherd.testing.fleet import Fleet
@@ -61,9 +61,14 @@ def occupy(fleet: Fleet, host: StandIn) -> threading.Thread:
     return thread
 
 
+def normal_list(model: str) -> str:
+    """The Redis list where a job for ``model`` waits without keys (normal priority)."""
+    return queue_key(model_queue(model), PRIORITY_STEP["normal"])
+
+
 def queue_length(fleet: Fleet, model: str) -> int:
     with redis.Redis.from_url(fleet.stack.redis_url) as client:
-        return int(client.llen(model_queue(model)))
+        return int(client.llen(normal_list(model)))
 
 
 def test_client_disconnect_stops_generation(make_fleet: Callable[[], Fleet]) -> None:
@@ -129,7 +134,7 @@ def test_without_queue_timeout_a_queued_job_waits_as_long_as_its_client(
 def queued_deadlines(fleet: Fleet, model: str) -> list[object]:
     """The ``deadline`` of every job waiting in ``model``'s queue (Celery messages)."""
     with redis.Redis.from_url(fleet.stack.redis_url) as client:
-        messages = client.lrange(model_queue(model), 0, -1)
+        messages = client.lrange(normal_list(model), 0, -1)
     return [json.loads(json.loads(m)["body"])[0][0]["deadline"] for m in messages]
 
 
@@ -342,13 +347,13 @@ def test_a_job_lost_with_its_worker_before_it_started_runs_once_elsewhere(
     wait_until(lambda: queue_length(fleet, "llama3:latest") == 1, 5, "job queued")
     with redis.Redis.from_url(fleet.stack.redis_url) as client:
         # A worker takes the job off the queue (as BRPOP does) and dies before starting it.
-        stolen = client.rpop(model_queue("llama3:latest"))
+        stolen = client.rpop(normal_list("llama3:latest"))
         thread.join(20)
         assert results and results[0].status_code == 200
         # The dead worker's attempt, were it to start after all, is refused: the one slot
         # takes it before the next job, which proves it was skipped once that one is done.
         busy.join(10)
-        client.lpush(model_queue("llama3:latest"), stolen)
+        client.lpush(normal_list("llama3:latest"), stolen)
     after = httpx.post(
         fleet.url + GENERATE,
         json={"model": "llama3", "prompt": "after", "stream": False},

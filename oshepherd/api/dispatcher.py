@@ -4,6 +4,10 @@
 also enforces the queue's depth) and hands back the ``JobStream`` that follows it. The
 stream calls back here to cancel the job and to ask for a re-run: a job whose worker died
 before the client got a byte runs once more, on another worker.
+
+A job waits on its tenant's queue of its model (``model_queue(model, tenant)``), in the list
+of its caller's priority (``queue_key``): the workers' BRPOP takes the highest priority
+first and goes round the tenants' queues within one (docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from oshepherd.api.auth import check_model
+from oshepherd.api.auth import caller, check_model
 from oshepherd.api.errors import (
     ModelNotFound,
     NoHealthyWorker,
@@ -31,6 +35,7 @@ from oshepherd.protocol import (
     CANCEL_CHANNEL,
     CANCEL_TTL,
     ENQUEUE_SCRIPT,
+    PRIORITY_STEP,
     SUPERSEDE_SCRIPT,
     Job,
     cancel_key,
@@ -96,7 +101,7 @@ class Dispatcher:
             method,
             path,
             body,
-            model_queue(name),
+            model_queue(name, caller().tenant),
             model=name,
             residency=residency,
             content_type=content_type,
@@ -137,12 +142,15 @@ class Dispatcher:
         content_type: str = "",
         upload: str = "",
     ) -> JobStream:
-        """Queue a job on ``queue`` (the optional fields are ``Job``'s)."""
+        """Queue a job on ``queue`` (the optional fields are ``Job``'s), with the caller's
+        tenant and priority."""
         job_id = new_id()
         channel = self._inboxes.channel(job_id)
+        who = caller()
         job = Job(
             job_id, channel, method, path, body, model, None, queue=queue, residency=residency,
-            content_type=content_type, upload=upload,
+            content_type=content_type, upload=upload, tenant=who.tenant,
+            priority=PRIORITY_STEP[who.priority],
         )  # fmt: skip
         inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
         try:
@@ -155,16 +163,19 @@ class Dispatcher:
         )
 
     async def _enqueue(self, job: Job) -> bytes:
-        """Queue ``job`` with a fresh deadline (none without ``QUEUE_TIMEOUT``); its Celery
-        message (to find it again)."""
+        """Queue ``job`` with a fresh deadline (none without ``QUEUE_TIMEOUT``) and queue
+        time (``Job.queued``: 0 when no host has its model loaded); its Celery message (to
+        find it again)."""
         if not self._inboxes.is_ready:
             raise RedisUnavailable("reconnecting")
+        now = time.time()
         timeout = self._queue_timeout
-        job.deadline = None if timeout is None else time.time() + timeout
+        job.deadline = None if timeout is None else now + timeout
+        job.queued = now if self._registry.warm(job.model) else 0.0
         message = celery_message(job)
         try:
             depth = await self._enqueue_script(
-                keys=[job.queue], args=[message, self._max_queue_depth]
+                keys=[job.key], args=[message, self._max_queue_depth]
             )
         except RedisError as exc:
             raise RedisUnavailable(exc) from exc
@@ -196,13 +207,17 @@ class Dispatcher:
                 pipe.set(cancel_key(job.id), before, ex=CANCEL_TTL)
                 if before == CANCEL_ALL:
                     pipe.publish(CANCEL_CHANNEL, job.id)
-                pipe.lrem(job.queue, 1, message)  # type: ignore[arg-type]  # bytes are fine
+                pipe.lrem(job.key, 1, message)  # type: ignore[arg-type]  # bytes are fine
                 await pipe.execute()
         except RedisError as exc:
             log.warning("job %s: could not cancel: %r", job.id, exc)
 
     def _takers(self, job: Job) -> bool:
-        """Whether a live worker could take ``job``: one holding its model, or its target."""
+        """Whether a live worker could take ``job``: one holding its model, or its target.
+        None could for a tenant that no longer exists (its key revoked): the workers stop
+        consuming its queues."""
+        if job.tenant and job.tenant not in self._registry.tenants:
+            return False
         target = queue_worker(job.queue)
         if target is not None:
             return self._registry.alive(target)
@@ -211,7 +226,7 @@ class Dispatcher:
     async def _supersede(self, job: Job, message: bytes) -> bool:
         """Forbid ``job``'s attempt to start if it has left its queue without starting
         (``SUPERSEDE_SCRIPT``); whether it did so (a Redis error counts as no)."""
-        keys = [job.queue, cancel_key(job.id), started_key(job.id)]
+        keys = [job.key, cancel_key(job.id), started_key(job.id)]
         try:
             return bool(await self._supersede_script(keys=keys, args=[message, job.attempt]))
         except RedisError as exc:

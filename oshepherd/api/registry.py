@@ -1,4 +1,5 @@
-"""The API's in-memory view of the live workers, refreshed from Redis about once a second."""
+"""The API's in-memory view of the live workers and of the tenants, refreshed from Redis
+about once a second."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from oshepherd.models import entry_model
-from oshepherd.protocol import WORKERS_INDEX, ProtocolError, WorkerEntry, worker_key
+from oshepherd.protocol import TENANTS, WORKERS_INDEX, ProtocolError, WorkerEntry, worker_key
 
 __all__ = ["Registry"]
 
@@ -25,6 +26,9 @@ class Registry:
         self._lock = asyncio.Lock()
         self.workers: dict[str, WorkerEntry] = {}
         self._holders: dict[str, list[WorkerEntry]] = {}
+        self._warm: frozenset[str] = frozenset()  # models loaded on a healthy worker's host
+        # Key ids that exist (``TENANTS``): a job of any other tenant has no taker.
+        self.tenants: frozenset[str] = frozenset()
 
     async def run_forever(self) -> None:
         while True:
@@ -38,7 +42,11 @@ class Registry:
     async def refresh(self) -> None:
         async with self._lock:
             now = time.time()
-            ids = await self._redis.zrangebyscore(WORKERS_INDEX, now, "+inf")
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrangebyscore(WORKERS_INDEX, now, "+inf")
+                pipe.smembers(TENANTS)
+                ids, tenants = await pipe.execute()
+            self.tenants = frozenset(t.decode() for t in tenants if isinstance(t, bytes))
             keys = [worker_key(i.decode()) for i in ids if isinstance(i, bytes)]
             raw = await self._redis.mget(keys) if keys else []
             workers = {}
@@ -71,6 +79,9 @@ class Registry:
                 holders.setdefault(name, []).append(entry)
         self.workers = workers
         self._holders = holders
+        self._warm = frozenset(
+            entry_model(m) for w in workers.values() if w.healthy for m in w.running
+        )
 
     def _forget_expired(self) -> None:
         now = time.time()
@@ -86,6 +97,10 @@ class Registry:
 
     def healthy_holders(self, model: str) -> list[WorkerEntry]:
         return [w for w in self.holders(model) if w.healthy]
+
+    def warm(self, model: str) -> bool:
+        """Whether a healthy worker's host has ``model`` (normalized) loaded (its /api/ps)."""
+        return model in self._warm
 
     def alive(self, worker_id: str) -> bool:
         entry = self.workers.get(worker_id)

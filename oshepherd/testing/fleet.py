@@ -82,11 +82,13 @@ class Fleet:
         token_delay: float = 0.0,
         latency: float = 0.0,
         max_parallel: int | None = None,
+        load_time: float = 0.0,
     ) -> Component:
         """A stand-in serving ``models`` as a process of its own, once it answers."""
         port = free_port()
         args = ["--port", str(port), "--models", ",".join(models), "--tokens", str(tokens)]
         args += ["--token-delay", str(token_delay), "--latency", str(latency)]
+        args += ["--load-time", str(load_time)]
         if max_parallel is not None:
             args += ["--max-parallel", str(max_parallel)]
         command = [sys.executable, "-m", "oshepherd.testing.standin", *args]

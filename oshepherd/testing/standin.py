@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import nullcontext, suppress
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,6 +55,9 @@ DETAILS = {
 }
 Body = dict[str, Any]
 Handler = Callable[[Request, Body], Any]
+# When the model the current request needs has loaded (monotonic s; 0: it was loaded), set
+# by ``StandIn._admit`` for the ``_Reply`` of the request (each runs in a context of its own).
+_READY: ContextVar[float] = ContextVar("standin_ready", default=0.0)
 
 
 class _Fail(Exception):
@@ -184,6 +188,7 @@ class _Reply:
     ) -> None:
         self.host, self.chunks, self.media, self.stream = host, chunks, media, stream
         self.finished = False
+        self.ready = _READY.get()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.host._track(+1)
@@ -205,7 +210,7 @@ class _Reply:
 
     async def _serve(self, send: Send) -> None:
         async with self.host._slot():
-            await asyncio.sleep(self.host.latency)
+            await asyncio.sleep(max(0.0, self.ready - time.monotonic()) + self.host.latency)
             headers: list[tuple[bytes, bytes]] | None = [(b"content-type", self.media.encode())]
             async for chunk in self.chunks:
                 if headers is not None:
@@ -221,6 +226,10 @@ class _Reply:
 
 class StandIn:
     """A fake Ollama host served by uvicorn on a background thread.
+
+    `load_time` (seconds) is what a request for a model not in memory waits while Ollama
+    loads it (requests meanwhile wait for the same load); the model is listed by /api/ps
+    once loaded, until its keep_alive runs out (Ollama's scheduler). Default 0: no wait.
 
     Tests may change `models`, `latency`, `token_delay`, `tokens`, `max_parallel` and
     `unload_delay` (seconds a model stays listed by /api/ps after Ollama answered its unload:
@@ -243,11 +252,12 @@ class StandIn:
         version: str = "0.12.0",
         embed_dim: int = 8,
         name: str = "standin",
+        load_time: float = 0.0,
     ) -> None:
         self.models: set[str] = {_full(m) for m in models}
         self.port, self.latency, self.token_delay, self.tokens = port, latency, token_delay, tokens
         self.max_parallel, self.version, self.embed_dim = max_parallel, version, embed_dim
-        self.name = name
+        self.name, self.load_time = name, load_time
         self.unload_delay = self.progress_delay = self.blob_read_delay = 0.0
         # /api/status: "none" (cloud enabled), or "env", "config", "both": disabled by
         # OLLAMA_NO_CLOUD and/or server.json (Ollama's envconfig.NoCloudSource); None: an
@@ -259,6 +269,7 @@ class StandIn:
         self._faults: list[Any] = []  # [status, error, remaining]
         self._cuts: list[Any] = []  # [error, after, remaining]
         self._loaded: dict[str, datetime] = {}  # model: when its keep_alive runs out
+        self._loading: dict[str, tuple[float, datetime]] = {}  # model: (loaded at, expiry)
         self._blobs: set[str] = set()
         self._ids = itertools.count(1)
         self._born = _now()
@@ -410,8 +421,29 @@ class StandIn:
             raise _Fail(fault[0], fault[1])
         found = self._known(name)
         if load:
-            self._loaded[found] = expires
+            self._load_model(found, expires)
         return found
+
+    def _load_model(self, name: str, expires: datetime) -> None:
+        """Keep `name` loaded until `expires`; one not in memory first costs `load_time`."""
+        self._settle()
+        if name in self._loaded or self.load_time <= 0:
+            self._loaded[name] = expires
+            return
+        ready = self._loading.get(name, (time.monotonic() + self.load_time, expires))[0]
+        self._loading[name] = (ready, expires)
+        _READY.set(ready)
+
+    def _settle(self) -> None:
+        """Unload the models whose keep_alive ran out; list those whose load has finished."""
+        now, clock = datetime.now(UTC), time.monotonic()
+        for name, expires in tuple(self._loaded.items()):
+            if expires <= now:
+                self._loaded.pop(name, None)
+        for name, (ready, expires) in tuple(self._loading.items()):
+            if ready <= clock:
+                self._loaded[name] = expires
+                self._loading.pop(name, None)
 
     def _unload(self, name: str) -> None:
         """Ollama's expireRunner: the model goes once the scheduler has freed it."""
@@ -602,10 +634,7 @@ class StandIn:
     def _ps(self, request: Request, body: Body) -> Response:
         """Loaded models, the longest to live first (Ollama's PsHandler); a model whose
         keep_alive ran out is unloaded."""
-        now = datetime.now(UTC)
-        for name, expires in tuple(self._loaded.items()):
-            if expires <= now:
-                self._loaded.pop(name, None)
+        self._settle()
         loaded = sorted(self._loaded.items(), key=lambda item: item[1], reverse=True)
         return _json(
             {
@@ -748,6 +777,7 @@ class StandIn:
         name = self._known(body.get("model") or body.get("name"))
         self.models.discard(name)
         self._loaded.pop(name, None)
+        self._loading.pop(name, None)
         return Response(status_code=200)
 
     def has_blob(self, digest: str) -> bool:
@@ -977,6 +1007,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-parallel", type=int, default=None, help="requests run at once; more wait [no limit]"
     )
+    parser.add_argument(
+        "--load-time",
+        type=float,
+        default=0.0,
+        help="seconds the first request for a model not loaded waits for its load [0]",
+    )
     args = parser.parse_args(argv)
     stand = StandIn(
         [m for m in args.models.split(",") if m],
@@ -985,6 +1021,7 @@ def main(argv: list[str] | None = None) -> None:
         token_delay=args.token_delay,
         tokens=args.tokens,
         max_parallel=args.max_parallel,
+        load_time=args.load_time,
     )
     uvicorn.Server(stand.config()).run()
 

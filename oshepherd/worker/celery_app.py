@@ -11,6 +11,11 @@ acks of such messages free. ``task_acks_late`` cannot cause a redelivery (a ``no
 message is never in kombu's unacked set); it is there because Celery schedules the ack on
 the consumer's event loop: acking when a job *ends* wakes the consumer to fetch the next
 job at once, where an ack at the start left a full worker idle for up to a second.
+
+Scheduling (docs/scheduling.md) is kombu's: with the ``priority_steps`` of ``protocol``, one
+BRPOP names the lists of every queue the worker follows, highest priority first, and the
+queue cycle moves the queue it took from to the end (round robin among tenants' queues).
+``FollowModels`` adds and cancels queues as ``WorkerRuntime.model_queues`` changes.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from celery.worker.consumer import Consumer
 from kombu import Queue
 
 from oshepherd.config import VISIBILITY_TIMEOUT, WorkerSettings
-from oshepherd.protocol import TASK_NAME, worker_queue
+from oshepherd.protocol import PRIORITY_STEPS, TASK_NAME, worker_queue
 from oshepherd.worker.runtime import WorkerRuntime
 
 __all__ = ["make_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-QUEUE_SYNC_INTERVAL = 1.0
+# Seconds between two looks at the runtime's queues: a cold model's queue that has become
+# due (a job waited WARM_WAIT) is followed this soon; a look that finds no change is free.
+QUEUE_SYNC_INTERVAL = 0.05
 
 
 def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
@@ -53,7 +60,10 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "priority_steps": list(PRIORITY_STEPS),
+        },
         task_default_queue=worker_queue(settings.worker_id),
         task_queues=[Queue(worker_queue(settings.worker_id), no_ack=True)],
     )
@@ -68,6 +78,7 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         requires = {"celery.worker.consumer.tasks:Tasks"}  # noqa: RUF012 (Celery's API)
 
         def start(self, c: Consumer) -> None:
+            self._followed: frozenset[str] | None = None
             self._timer = c.timer.call_repeatedly(QUEUE_SYNC_INTERVAL, self.sync, (c,))
             self.sync(c)
 
@@ -75,9 +86,10 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
             self._timer.cancel()
 
         def sync(self, c: Consumer) -> None:
-            if c.task_consumer is None:
-                return
             wanted = runtime.model_queues
+            if c.task_consumer is None or wanted is self._followed:
+                return
+            self._followed = wanted
             current = {q.name for q in c.task_consumer.queues}
             own = worker_queue(settings.worker_id)
             for name in wanted - current:

@@ -3,6 +3,11 @@
 Celery's pool threads are only slots: each hands its job to this loop and waits. All I/O
 (Ollama over one keep-alive pool, Redis) happens here, so a silent Ollama can be pinged
 over and a cancelled job's HTTP request closed at once.
+
+It also decides which queues the Celery consumer follows (``model_queues``): for each model
+the host has, the queue of tenant "" and of every tenant in ``TENANTS``. Those of models the
+host has loaded at once; those of the others (cold: the host would load the model first)
+only while a job on them has waited ``WARM_WAIT`` for a warm host (docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ from oshepherd.connections import async_redis
 from oshepherd.models import entry_model
 from oshepherd.protocol import (
     CANCEL_CHANNEL,
+    OLDEST_SCRIPT,
+    PRIORITY_STEPS,
+    TENANTS,
     WORKERS_INDEX,
     Job,
     WorkerEntry,
     model_queue,
+    queue_key,
     worker_key,
 )
 from oshepherd.worker.jobs import JobRunner
@@ -35,6 +44,9 @@ from oshepherd.worker.ollama import HostState, OllamaHost
 __all__ = ["WorkerRuntime"]
 
 log = logging.getLogger(__name__)
+
+# Seconds between two looks at the cold models' queues (only while a slot is free).
+COLD_POLL = 0.05
 
 
 class WorkerRuntime:
@@ -50,6 +62,9 @@ class WorkerRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._state = HostState(error="not polled yet")
         self._loaded: frozenset[str] = frozenset()  # models the host has in memory
+        self._held: frozenset[str] = frozenset()  # models whose queues it may follow
+        self._tenants: frozenset[str] = frozenset({""})  # "" and the TENANTS set
+        self._due: frozenset[str] = frozenset()  # cold models with a job past WARM_WAIT
         self._started_at = time.time()
         self._draining = False
         self._polled = asyncio.Event()
@@ -95,6 +110,7 @@ class WorkerRuntime:
             asyncio.create_task(self._poll_forever()),
             asyncio.create_task(self._heartbeat_forever()),
             asyncio.create_task(self._listen_for_cancels()),
+            asyncio.create_task(self._watch_cold_forever()),
         ]
         # Serve from the first moment: the first poll decides which queues to consume.
         await asyncio.wait_for(self._polled.wait(), timeout=15)
@@ -109,7 +125,7 @@ class WorkerRuntime:
 
     async def _drain(self) -> None:
         self._draining = True
-        self.model_queues = frozenset()
+        self._follow()
         await self._register_quietly()  # advertise no models: no new jobs, still alive
         deadline = time.monotonic() + self.settings.shutdown_timeout
         while self.runner.in_flight and time.monotonic() < deadline:
@@ -137,7 +153,18 @@ class WorkerRuntime:
         # One at a time: an older poll finishing last would advertise a deleted model again.
         async with self._poll_lock:
             self._observe(await self.host.poll())
+            await self._read_tenants()
             await self._register_quietly()
+
+    async def _read_tenants(self) -> None:
+        """The tenants whose queues to follow (a Redis error keeps the last set)."""
+        try:
+            members = await self.redis.smembers(TENANTS)  # type: ignore[misc]
+        except RedisError as exc:
+            log.warning("could not read the tenants: %r", exc)
+            return
+        self._tenants = frozenset({"", *(m.decode() for m in members if isinstance(m, bytes))})
+        self._follow()
 
     def _observe(self, state: HostState) -> None:
         if not state.healthy:
@@ -154,9 +181,56 @@ class WorkerRuntime:
             )
         self._state = state
         self._loaded = frozenset(entry_model(m) for m in state.running)
-        if not self._draining:
-            names = {entry_model(m) for m in state.models} if state.healthy else set()
-            self.model_queues = frozenset(model_queue(n) for n in names)
+        held = {entry_model(m) for m in state.models} if state.healthy else set()
+        self._held = frozenset(held)
+        self._follow()
+
+    def _follow(self) -> None:
+        """Set the queues to consume: every tenant's queue of the warm models (held and
+        loaded) and of the cold ones that are due; none while draining."""
+        models = set() if self._draining else (self._held & self._loaded) | self._due
+        queues = frozenset(model_queue(m, t) for m in models for t in self._tenants)
+        if queues != self.model_queues:
+            self.model_queues = queues
+
+    async def _watch_cold_forever(self) -> None:
+        """Every ``COLD_POLL`` seconds, while a slot is free, find the cold models with a
+        job that has waited ``WARM_WAIT`` (or was queued when no host had the model loaded:
+        ``Job.queued`` 0): the consumer follows their queues until none has."""
+        script = self.redis.register_script(OLDEST_SCRIPT)
+        while True:
+            await asyncio.sleep(COLD_POLL)
+            cold = sorted(self._held - self._loaded)
+            due: frozenset[str] = frozenset()
+            if cold and len(self.runner.in_flight) < self.settings.concurrency:
+                try:
+                    due = await self._due_models(script, cold)
+                except RedisError as exc:
+                    log.warning("could not look at the cold queues: %r", exc)
+            if due != self._due:
+                self._due = due
+                self._follow()
+
+    async def _due_models(self, script: Any, cold: list[str]) -> frozenset[str]:
+        """The models of ``cold`` whose oldest waiting job is due for a cold host."""
+        tenants = sorted(self._tenants)
+        per_model = len(tenants) * len(PRIORITY_STEPS)
+        keys = [
+            queue_key(model_queue(m, t), step)
+            for m in cold
+            for t in tenants
+            for step in PRIORITY_STEPS
+        ]
+        stamps = await script(keys=keys)
+        since = time.time() - self.settings.warm_wait
+        return frozenset(
+            model
+            for i, model in enumerate(cold)
+            if any(
+                stamp is not None and float(stamp) <= since
+                for stamp in stamps[i * per_model : (i + 1) * per_model]
+            )
+        )
 
     async def _mark_unreachable(self, message: str) -> None:
         """A job could not reach Ollama: stop taking jobs until the next poll succeeds.

@@ -4,7 +4,12 @@ The worker consumes its queues with ``no_ack`` (see ``celery_app``), so no messa
 in kombu's unacked index. Celery still acknowledges every task, and kombu's Redis QoS
 answers each ack with a MULTI/ZREM/HDEL/EXEC round trip on the consumer thread: measured
 at a third of the worker's CPU per tiny job. Here an ack of a message that was never
-recorded as unacked costs nothing; everything else is kombu's own behaviour.
+recorded as unacked costs nothing, and so does the periodic sweep of that index for
+messages to restore; everything else is kombu's own behaviour.
+
+Its BRPOP also waits less (``brpop_timeout``): a queue the worker starts to follow (a cold
+model's that became due, a new tenant's) joins the next BRPOP, which an idle worker sends
+this often (kombu's default: every second).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ class QoS(redis.QoS):
         if self._delivered is not None and delivery_tag in self._delivered:
             super().ack(delivery_tag)
 
+    def restore_visible(self, *args: object, **kwargs: object) -> None:
+        """Nothing to restore: no message is ever in the unacked index (``no_ack``, and the
+        API queues without kombu). kombu's sweep would take a mutex key and read the index,
+        which a worker's Redis user (``oshepherd.acl``) may not touch."""
+
 
 class Channel(redis.Channel):
     QoS = QoS
@@ -26,3 +36,4 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
+    brpop_timeout = 0.2  # type: ignore[assignment]  # seconds; Redis takes a float (≥ 6.0)
