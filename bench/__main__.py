@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import blobs, latency, report, scale, soak
+from bench import blobs, latency, report, scale, scheduling, soak
 from bench.fleet import Lab, raise_open_file_limit
 from bench.harness import DEFAULT, QUICK, Profile
 from bench.report import Row
@@ -26,6 +26,8 @@ GROUPS: list[tuple[frozenset[str], Group]] = [
     (frozenset({"embed"}), lambda lab, profile, wanted: scale.embed(lab, profile)),
     (frozenset({"soak"}), lambda lab, profile, wanted: soak.soak(lab, profile)),
     (frozenset({"blob"}), lambda lab, profile, wanted: blobs.upload(lab, profile)),
+    (frozenset({"fair"}), lambda lab, profile, wanted: scheduling.fair_share(lab, profile)),
+    (frozenset({"warm"}), lambda lab, profile, wanted: scheduling.warm_first(lab, profile)),
 ]
 FIGURES = [f for figures, _ in GROUPS for f in sorted(figures)]
 
