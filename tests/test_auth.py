@@ -81,6 +81,13 @@ def _wait_known(url: str, key: str) -> None:
     wait_until(lambda: _tags(url, key).status_code == 200, 5, "key known to the API")
 
 
+def test_no_first_key_over_http(fleet: Fleet) -> None:
+    """Runs first, while keys are off: an open API must not let anyone make the first key."""
+    made = httpx.post(fleet.url + "/oshepherd/v1/keys", json={"name": "intruder", "scope": "admin"})
+    assert made.status_code == 403 and made.json()["code"] == "keys_off", made.text
+    assert _tags(fleet.url, "").status_code == 200  # and keys are still off
+
+
 def test_ollama_python_with_headers_and_with_ollama_api_key(
     fleet: Fleet, user: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,10 @@ A key is shown as ``keys.public`` (never its secret or digest). A bad field is a
 ``invalid_key_field``; an id or name no key has (or several share) is a 404 ``unknown_key``;
 errors take Ollama's shape. The replica that made a change reloads its table before it
 answers; the others within a second (``KeyTable``).
+
+While no key exists these routes answer 403 ``keys_off``: the first key is made with
+``oshepherd keys create``, by someone who can reach Redis. Otherwise anyone who reaches an
+open API could create the first admin key and lock everyone else out.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from starlette.responses import Response
 
 from oshepherd.api.auth import KeyTable
 from oshepherd.api.bodies import read_body
-from oshepherd.api.errors import ApiError, BadRequest, RedisUnavailable, json_response
+from oshepherd.api.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    RedisUnavailable,
+    json_response,
+)
 from oshepherd.api.gateway import gateway
 from oshepherd.keys import InvalidKey, KeyStore, UnknownKey, public
 
@@ -65,11 +75,16 @@ async def revoke_key(request: Request, ref: str) -> Response:
 
 async def _store(request: Request, action: Callable[[KeyStore], T]) -> T:
     """``action`` on a ``KeyStore`` in a thread, then this replica's table reloaded; the
-    store's errors as ``ApiError``s."""
+    store's errors as ``ApiError``s, and ``Forbidden`` while keys are off."""
     gw = gateway(request)
+    table: KeyTable = request.app.state.keys
+    if not table.keys:
+        raise Forbidden(
+            "no API key exists yet: create the first one with `oshepherd keys create`",
+            code="keys_off",
+        )
     try:
         result = await asyncio.to_thread(_run, gw.settings.redis, action)
-        table: KeyTable = request.app.state.keys
         await table.refresh(gw.redis)
     except InvalidKey as exc:
         raise BadRequest(str(exc), code="invalid_key_field") from exc
