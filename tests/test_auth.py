@@ -153,6 +153,20 @@ def test_open_routes_scope_and_priority(fleet: Fleet, user: str, admin: str) -> 
     assert ps.status_code == 200
 
 
+def test_an_admin_keys_models_bound_its_model_management(fleet: Fleet, keys: Keys) -> None:
+    scoped = keys.create(scope="admin", models="llama3")
+    _wait_known(fleet.url, scoped)
+    auth = {"x-api-key": scoped}
+    for method, path, body in [
+        ("POST", "/api/pull", {"model": "qwen2:7b"}),
+        ("DELETE", "/api/delete", {"model": "qwen2:7b"}),
+        ("POST", "/api/copy", {"source": "llama3", "destination": "qwen2:7b"}),
+    ]:
+        refused = httpx.request(method, fleet.url + path, headers=auth, json=body, timeout=5)
+        assert refused.status_code == 403, (path, refused.text)
+        assert refused.json()["code"] == "model_not_allowed"
+
+
 def test_admin_routes_and_revocation_on_two_replicas(
     fleet: Fleet, admin: str, stack_log: IO[bytes]
 ) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from oshepherd.api.auth import check_model
 from oshepherd.api.blobs import BlobUpload, BlobUploadResponse
 from oshepherd.api.bodies import model_name, read_body, stream_flag
 from oshepherd.api.errors import BadRequest, ModelNotFound, NoHealthyWorker
@@ -60,7 +61,8 @@ async def copy(request: Request) -> Response:
     if not body.data.get("source") or not body.data.get("destination"):
         raise BadRequest("source and destination are required")
     source = model_name(body.data, "source")
-    model_name(body.data, "destination")
+    check_model(normalize(source))
+    check_model(normalize(model_name(body.data, "destination")))
     targets = await _targets(request, gw, lambda: _holders(gw, source))
     return await _run(gw, "copy", "POST", "/api/copy", body.text, targets, "empty")
 
@@ -71,6 +73,7 @@ async def delete(request: Request) -> Response:
     gw = gateway(request)
     body = await read_body(request, gw.settings.max_body_bytes)
     model = model_name(body.data, "model", "name")
+    check_model(normalize(model))
     targets = await _targets(request, gw, lambda: _holders(gw, model))
     return await _run(gw, "delete", "DELETE", "/api/delete", body.text, targets, "empty")
 
@@ -104,6 +107,7 @@ async def _progress(request: Request, action: str, *, holders: bool) -> Response
     gw = gateway(request)
     body = await read_body(request, gw.settings.max_body_bytes)
     model = model_name(body.data, "model", "name")
+    check_model(normalize(model))
     answer: Answer = "stream" if stream_flag(body.data, default=True) else "object"
     targets = await _targets(request, gw, lambda: _holders(gw, model) if holders else _healthy(gw))
     return await _run(gw, action, "POST", f"/api/{action}", body.text, targets, answer)
