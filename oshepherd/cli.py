@@ -1,7 +1,9 @@
-"""``oshepherd``: start-api, start-worker, up (the whole stack in one command), and keys."""
+"""``oshepherd``: start-api, start-worker, up (the whole stack in one command), keys and
+usage."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -17,7 +19,9 @@ import redis
 import rich.console
 import rich.table
 
+from oshepherd import usage
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
+from oshepherd.connections import async_redis
 from oshepherd.keys import ApiKey, InvalidKey, KeyStore, UnknownKey, public
 from oshepherd.stack import Stack, StartError
 
@@ -291,3 +295,63 @@ def keys_update(
     with _key_store(env_file, redis_url) as store:
         updated = store.update(key, given)
     click.echo(f"Updated key {updated.id} ({updated.name!r}).")
+
+
+@main.command("usage")
+@ENV_FILE
+@REDIS_URL
+@click.option(
+    "--key",
+    "key_ref",
+    help="Only this key (its id or name; a revoked key's id; '' for requests without a key).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, usage.MAX_DAYS),
+    default=1,
+    show_default=True,
+    help="The last N UTC days, today included.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of rows.")
+def usage_command(
+    env_file: Path | None, redis_url: str | None, key_ref: str | None, days: int, as_json: bool
+) -> None:
+    """Requests, prompt tokens and completion tokens per key, model and UTC day, counted by
+    the API from Ollama's answers (docs/limits.md); requests without a key show as
+    "(no key)". Read from the Redis of start-api (--env-file and the environment)."""
+    with _key_store(env_file, redis_url) as store:
+        names = {key.id: key.name for key in store.list_keys()}
+        settings: ApiSettings = _settings(ApiSettings, env_file, celery_broker_url=redis_url)
+        key_id = _key_id(names, key_ref)
+        rows = asyncio.run(_read_usage(settings.redis, usage.days(days), key_id))
+    if as_json:
+        click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+        return
+    console = rich.console.Console()
+    if not console.is_terminal:
+        console = rich.console.Console(width=TABLE_WIDTH)
+    table = rich.table.Table("day", "key", "name", "model", "requests", "prompt tokens",
+                             "completion tokens")  # fmt: skip
+    for row in rows:
+        table.add_row(
+            row.day, row.key or usage.NO_KEY, names.get(row.key, "-"), row.model,
+            str(row.requests), str(row.prompt), str(row.completion),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _key_id(names: dict[str, str], ref: str | None) -> str | None:
+    """The key id ``ref`` names: an id, a name only one key has, or else ``ref`` itself (a
+    revoked key's id)."""
+    if ref is None or ref in names:
+        return ref
+    ids = [key_id for key_id, name in names.items() if name == ref]
+    return ids[0] if len(ids) == 1 else ref
+
+
+async def _read_usage(url: str, when: list[str], key_id: str | None) -> list[usage.Row]:
+    client = async_redis(url, socket_connect_timeout=5)
+    try:
+        return await usage.read(client, when, key_id)
+    finally:
+        await client.aclose()

@@ -82,6 +82,9 @@ class ApiSettings(CommonSettings):
     shutdown_grace: float = Field(default=30.0, ge=0)
     ollama_origins: str = Field(default="", description="extra CORS origins, comma-separated")
     embed_batch_size: int = Field(default=256, ge=1)
+    # A request's concurrency lease (docs/limits.md) expires this long after its API process
+    # last renewed it (every third of it): how long a crashed API's requests still count.
+    lease_ttl: float = Field(default=30.0, ge=0.3, le=3600, description="lease expiry (s)")
     # Client addresses: a global allowlist, and the proxies whose X-Forwarded-For is believed
     # (uvicorn's forwarded_allow_ips; none by default, so no client can spoof its address).
     allow_ips: str = Field(default="", description="CIDRs that may call, comma-separated")

@@ -20,6 +20,7 @@ from oshepherd.api.auth import Authenticate, KeyTable
 from oshepherd.api.coalesce import CoalescingHttpProtocol
 from oshepherd.api.errors import install_handlers
 from oshepherd.api.gateway import Gateway
+from oshepherd.api.limits import Limiter
 from oshepherd.api.protections import (
     ALLOWED_HEADERS,
     CORS_MAX_AGE,
@@ -32,6 +33,7 @@ from oshepherd.api.protections import (
 )
 from oshepherd.api.routes import anthropic, manage, ollama, openai
 from oshepherd.api.routes import keys as key_routes
+from oshepherd.api.routes import usage as usage_routes
 from oshepherd.config import ApiSettings
 from oshepherd.keys import parse_networks
 
@@ -51,6 +53,7 @@ NO_TELEMETRY: TelemetryConfig = {
 
 def create_app(settings: ApiSettings) -> FastAPI:
     keys = KeyTable()
+    limiter = Limiter(lease_ttl=settings.lease_ttl)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +61,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         await gw.start()
         app.state.gateway = gw
         app.state.keys = keys
+        limiter.start(gw.redis)
         with contextlib.suppress(Exception):  # run_forever reports it and tries again
             await keys.refresh(gw.redis)
         _warn_if_open(settings, keys)
@@ -67,6 +71,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         finally:
             polling.cancel()
             await asyncio.gather(polling, return_exceptions=True)
+            await limiter.stop()
             await gw.stop()
 
     app = FastAPI(
@@ -78,7 +83,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         telemetry=NO_TELEMETRY,
         middleware=[
             *protections(settings),
-            Middleware(Authenticate, table=keys, allow_ips=parse_networks(settings.allow_ips)),
+            Middleware(
+                Authenticate,
+                table=keys,
+                allow_ips=parse_networks(settings.allow_ips),
+                limiter=limiter,
+            ),
         ],
     )
     install_handlers(app)
@@ -87,6 +97,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(key_routes.router)
+    app.include_router(usage_routes.router)
     return app
 
 

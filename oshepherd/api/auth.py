@@ -35,7 +35,8 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -59,6 +60,10 @@ from oshepherd.keys import (
     parse_table,
 )
 from oshepherd.protocol import KEYS, KEYS_VERSION
+from oshepherd.usage import Usage
+
+if TYPE_CHECKING:
+    from oshepherd.api.limits import Limiter
 
 __all__ = [
     "PRIORITY_HEADER",
@@ -89,12 +94,13 @@ _RANK = {level: rank for rank, level in enumerate(LEVELS)}
 class Caller:
     """The caller of the current request: its ``key`` (None when keys are off), ``tenant``
     (the key's id, "" when keys are off), ``priority`` (a level of ``keys.LEVELS``) and
-    ``client`` address."""
+    ``client`` address; ``usage``, what its jobs used (``JobStream`` adds to it)."""
 
     key: ApiKey | None = None
     tenant: str = ""
     priority: str = "normal"
     client: str = ""
+    usage: Usage = field(default_factory=Usage)
 
 
 _NOBODY = Caller()
@@ -155,11 +161,20 @@ class KeyTable:
 
 class Authenticate:
     """The ASGI middleware that sets ``caller()`` for each HTTP request, or answers its
-    error (see the module). ``allow_ips``: the global allowlist (empty: any address)."""
+    error (see the module). ``allow_ips``: the global allowlist (empty: any address).
+    ``limiter`` admits the requests to inference routes (``oshepherd.api.limits``)."""
 
-    def __init__(self, app: ASGIApp, *, table: KeyTable, allow_ips: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        table: KeyTable,
+        allow_ips: Iterable[str],
+        limiter: Limiter | None = None,
+    ) -> None:
         self.app = app
         self._table = table
+        self._limiter = limiter
         self._allow_ips = tuple(ipaddress.ip_network(cidr) for cidr in allow_ips)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,7 +188,19 @@ class Authenticate:
             return
         token = _CALLER.set(who)
         try:
-            await self.app(scope, receive, send)
+            limiter = self._limiter
+            if limiter is None or not limiter.applies(scope["method"], scope["path"]):
+                await self.app(scope, receive, send)
+                return
+            try:
+                admission = await limiter.admit(who)
+            except ApiError as exc:
+                await error_response(scope["path"], exc)(scope, receive, send)
+                return
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                admission.close()
         finally:
             _CALLER.reset(token)
 

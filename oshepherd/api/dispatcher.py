@@ -159,7 +159,13 @@ class Dispatcher:
             inbox.close()
             raise
         return JobStream(
-            job, message, inbox, liveness=self._liveness, cancel=self._cancel, rerun=self._rerun
+            job,
+            message,
+            inbox,
+            liveness=self._liveness,
+            cancel=self._cancel,
+            rerun=self._rerun,
+            usage=caller().usage,
         )
 
     async def _enqueue(self, job: Job) -> bytes:

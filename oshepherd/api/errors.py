@@ -16,6 +16,7 @@ The tree, with each class's HTTP status (and ``Retry-After`` seconds)::
     ├── BadRequest            400  the request itself is wrong
     ├── Unauthorized          401  no API key, or one the gateway does not know
     ├── Forbidden             403  the key (or the client's address) may not do this
+    ├── TooManyRequests       429 (Retry-After)  past one of the key's limits
     ├── ContentTooLarge       413  the body is over MAX_BODY_BYTES
     ├── ModelNotFound         404  no live worker's host has the model
     ├── JobFailed             the worker's status (502: its Ollama went away, ...)
@@ -51,6 +52,7 @@ __all__ = [
     "QueueFull",
     "QueueTimeout",
     "RedisUnavailable",
+    "TooManyRequests",
     "Unauthorized",
     "Unavailable",
     "error_body",
@@ -71,6 +73,7 @@ OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
 }
 # Anthropic's error types by status (its API's "HTTP errors"; 503 as Ollama's
 # anthropic.NewError maps it); any other 4xx is an invalid_request_error, 5xx an api_error.
@@ -126,6 +129,14 @@ class Forbidden(ApiError):
 
     def __init__(self, message: str, *, code: str) -> None:
         super().__init__(403, message, code=code)
+
+
+class TooManyRequests(ApiError):
+    """429: past one of the key's limits (``oshepherd.api.limits``); ``code`` says which:
+    ``rate_limited``, ``concurrency_limited`` or ``token_budget_exhausted``."""
+
+    def __init__(self, message: str, *, code: str, retry_after: int) -> None:
+        super().__init__(429, message, retry_after=retry_after, code=code)
 
 
 class ContentTooLarge(ApiError):

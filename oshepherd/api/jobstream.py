@@ -35,6 +35,7 @@ from oshepherd.protocol import (
     decode_frame,
     queue_worker,
 )
+from oshepherd.usage import Usage
 
 __all__ = [
     "LIVENESS_TICK",
@@ -136,7 +137,8 @@ class JobStream:
 
     Both raise ``ApiError`` when the job fails: before the head, once any re-run is
     exhausted; after it, the response has begun and ends with an error line. ``close``
-    cancels the job unless it ended well.
+    cancels the job unless it ended well. A model-bound job counts in ``usage``, with the
+    tokens its final frame carries.
     """
 
     def __init__(
@@ -148,8 +150,12 @@ class JobStream:
         liveness: Liveness,
         cancel: Cancel,
         rerun: Rerun,
+        usage: Usage | None = None,
     ) -> None:
         self.job = job
+        self._usage = usage if job.model else None
+        if self._usage is not None:
+            self._usage.job(job.model)
         self._inbox = inbox
         self._liveness = liveness
         self._cancel = cancel
@@ -178,6 +184,8 @@ class JobStream:
             frame = await self._receive()
             if isinstance(frame, Head):
                 self._finished = frame.last
+                if frame.last and self._usage is not None:
+                    self._usage.add(self.job.model, frame.prompt_tokens, frame.completion_tokens)
                 return frame
             if isinstance(frame, Error):
                 message = await self._rerun(self.job, self.worker) if frame.retry else None
@@ -194,6 +202,8 @@ class JobStream:
             return frame
         if isinstance(frame, End):
             self._finished = True
+            if self._usage is not None:
+                self._usage.add(self.job.model, frame.prompt_tokens, frame.completion_tokens)
             return frame
         if isinstance(frame, Error):
             raise JobFailed(frame.status, frame.error)

@@ -1,0 +1,236 @@
+"""Limits per API key, enforced across every API replica: their state lives in Redis and
+changes atomically.
+
+* ``max_concurrent``: requests running or queued. Each admitted request holds a lease in
+  the key's zset (``protocol.lease_key``), scored with its expiry: ``lease_ttl`` seconds,
+  renewed every third of that while the request lives, removed when it ends. The lease of
+  an API process that died expires on its own.
+* ``rpm``: requests per minute, by pyrate-limiter's GCRA on its Redis state store (one hash
+  per key): up to ``rpm`` at once, then one every ``60 / rpm`` seconds.
+* ``tokens_per_day``: prompt plus completion tokens per UTC day. Checked before admission;
+  counted after the request from its jobs' final frames (``oshepherd.usage.Usage``), so a
+  request that starts under the budget may end past it.
+
+The budget and the concurrency limit are checked and the lease taken in one Lua script
+(``protocol.ADMIT_SCRIPT``); the rate is checked after them, so a request refused for its
+budget or concurrency spends none of it. Past a limit the request gets ``TooManyRequests``
+(429, ``Retry-After``) with its ``code``: ``token_budget_exhausted`` (retry at the next UTC
+midnight), ``concurrency_limited`` (1 s) or ``rate_limited`` (when GCRA allows the next).
+
+Limits apply to the inference routes (``INFERENCE_PATHS``). ``Admission.close`` releases the
+lease and writes the request's usage (``oshepherd.usage``) after the response, off its path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pyrate_limiter import GCRA, Duration, Rate, RedisStateStore
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from oshepherd import usage
+from oshepherd.api.errors import RedisUnavailable, TooManyRequests
+from oshepherd.keys import ApiKey
+from oshepherd.protocol import (
+    ADMIT_SCRIPT,
+    BUDGET_TTL,
+    budget_key,
+    lease_key,
+    new_id,
+    rate_key,
+)
+
+if TYPE_CHECKING:
+    from oshepherd.api.auth import Caller
+
+__all__ = ["INFERENCE_PATHS", "Admission", "Limiter"]
+
+log = logging.getLogger(__name__)
+
+INFERENCE_PATHS = frozenset(
+    {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/audio/transcriptions",
+    }
+)
+ADMITTED, OVER_BUDGET, TOO_MANY = 0, 1, 2  # ADMIT_SCRIPT's answers
+CONCURRENCY_RETRY = 1  # seconds: when a running request may have ended
+_GCRA = GCRA()
+
+
+@dataclass(slots=True)
+class Admission:
+    """A request let through: ``close`` it when the request ends (it releases the lease
+    and records the usage, in the background)."""
+
+    limiter: Limiter
+    tenant: str
+    key: ApiKey | None
+    usage: usage.Usage
+    lease: str = ""
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.limiter.finish(self)
+
+
+class Limiter:
+    """One API process's side of the limits; ``start`` it with the process's Redis."""
+
+    def __init__(self, *, lease_ttl: float) -> None:
+        self._lease_ttl = lease_ttl
+        self._redis: Redis | None = None
+        self._leases: dict[str, str] = {}  # live lease id -> its zset
+        self._ids = itertools.count()
+        self._prefix = new_id()[:12] + ":"
+        self._stores: dict[str, RedisStateStore] = {}
+        self._rates: dict[int, list[Rate]] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self._renewing: asyncio.Task[None] | None = None
+
+    def start(self, redis: Redis) -> None:
+        self._redis = redis
+        self._admit = redis.register_script(ADMIT_SCRIPT)
+        self._renewing = asyncio.create_task(self._renew_forever())
+
+    async def stop(self) -> None:
+        """Stop renewing; wait (at most a second) for the usage still being written."""
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=1.0)
+
+    @staticmethod
+    def applies(method: str, path: str) -> bool:
+        """Whether limits apply to a request (an inference route; ``path/`` too)."""
+        return method == "POST" and (path in INFERENCE_PATHS or path[:-1] in INFERENCE_PATHS)
+
+    async def admit(self, who: Caller) -> Admission:
+        """Let a request of ``who`` through (without a key: no limits; its usage counts
+        under the tenant ""). Raises ``TooManyRequests`` past a limit, ``RedisUnavailable``.
+        """
+        tenant, key = who.tenant, who.key
+        admission = Admission(self, tenant, key, who.usage)
+        if key is None:
+            return admission
+        try:
+            if key.max_concurrent is not None or key.tokens_per_day is not None:
+                admission.lease = await self._lease(tenant, key)
+            if key.rpm is not None:
+                await self._rate(tenant, key.rpm)
+        except TooManyRequests:
+            admission.close()  # the lease, if one was taken
+            raise
+        except RedisError as exc:
+            admission.close()
+            raise RedisUnavailable(exc) from exc
+        return admission
+
+    async def _lease(self, tenant: str, key: ApiKey) -> str:
+        """Check the day's budget and take a concurrency lease (its id; "" with no
+        concurrency limit), in one round trip."""
+        now = time.time()
+        lease = f"{self._prefix}{next(self._ids)}" if key.max_concurrent is not None else ""
+        most = -1 if key.max_concurrent is None else key.max_concurrent
+        budget = -1 if key.tokens_per_day is None else key.tokens_per_day
+        keys = [lease_key(tenant), budget_key(tenant, usage.today(now))]
+        ttl = self._lease_ttl
+        args: list[str | float] = [now, lease, now + ttl, most, budget, math.ceil(2 * ttl)]
+        verdict = await self._admit(keys=keys, args=args)
+        if verdict == OVER_BUDGET:
+            midnight = (now // usage.DAY + 1) * usage.DAY
+            raise TooManyRequests(
+                f"this API key has used its {budget} tokens for today (UTC)",
+                code="token_budget_exhausted",
+                retry_after=max(1, math.ceil(midnight - now)),
+            )
+        if verdict == TOO_MANY:
+            raise TooManyRequests(
+                f"this API key already has {most} requests running or queued",
+                code="concurrency_limited",
+                retry_after=CONCURRENCY_RETRY,
+            )
+        if lease:
+            self._leases[lease] = keys[0]
+        return lease
+
+    async def _rate(self, tenant: str, rpm: int) -> None:
+        store = self._stores.get(tenant)
+        if store is None:
+            assert self._redis is not None
+            store = self._stores[tenant] = RedisStateStore(self._redis, rate_key(tenant))
+        rates = self._rates.get(rpm)
+        if rates is None:
+            rates = self._rates[rpm] = [Rate(rpm, Duration.MINUTE)]
+        decision = await store.check(_GCRA, rates, int(time.time() * 1000), 1)
+        if not decision.allowed:
+            wait = (decision.retry_after_ms or 1000) / 1000
+            raise TooManyRequests(
+                f"this API key is limited to {rpm} requests per minute",
+                code="rate_limited",
+                retry_after=max(1, math.ceil(wait)),
+            )
+
+    def finish(self, admission: Admission) -> None:
+        """Release ``admission``'s lease and record its usage, in the background."""
+        if admission.lease:
+            self._leases.pop(admission.lease, None)
+        if not admission.lease and not admission.usage.models:
+            return
+        task = asyncio.create_task(self._write(admission))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, admission: Admission) -> None:
+        assert self._redis is not None
+        tenant, key, used = admission.tenant, admission.key, admission.usage
+        day = usage.today()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if admission.lease:
+                    pipe.zrem(lease_key(tenant), admission.lease)
+                if key is not None and key.tokens_per_day is not None and used.tokens:
+                    pipe.incrby(budget_key(tenant, day), used.tokens)
+                    pipe.expire(budget_key(tenant, day), BUDGET_TTL)
+                usage.record(pipe, tenant, used, day)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("could not record the usage of key %r: %r", tenant, exc)
+
+    async def _renew_forever(self) -> None:
+        """Every third of ``lease_ttl``, push back the expiry of this process's leases."""
+        while True:
+            await asyncio.sleep(self._lease_ttl / 3)
+            if not self._leases:
+                continue
+            expiry = time.time() + self._lease_ttl
+            by_key: dict[str, dict[str, float]] = {}
+            for lease, zset in self._leases.items():
+                by_key.setdefault(zset, {})[lease] = expiry
+            assert self._redis is not None
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for zset, leases in by_key.items():
+                        pipe.zadd(zset, leases, xx=True)  # type: ignore[arg-type]
+                        pipe.expire(zset, math.ceil(2 * self._lease_ttl))
+                    await pipe.execute()
+            except RedisError as exc:
+                log.warning("could not renew %d leases: %r", len(self._leases), exc)
