@@ -25,6 +25,7 @@ from oshepherd.protocol import (
     job_channel,
     model_queue,
     new_id,
+    queue_key,
 )
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
@@ -136,3 +137,35 @@ def running_on(fleet: Fleet) -> list[str]:
     """The workers the API lists llama3 as loaded on (its /api/ps)."""
     models = httpx.get(fleet.url + "/api/ps", timeout=5).json()["models"]
     return sorted(w for m in models if m["name"] == MODEL for w in m["workers"])
+
+
+def test_x_oshepherd_priority_orders_requests_through_the_api(
+    make_fleet: Callable[[], Fleet],
+) -> None:
+    """The header, end to end: two low requests wait, a high one sent after them runs first."""
+    fleet = make_fleet()
+    host = one_slot(fleet, latency=0.3)
+    low = queue_key(model_queue(MODEL), PRIORITY_STEP["low"])
+    sent: list[threading.Thread] = []
+
+    def send(prompt: str, level: str) -> None:
+        body = {"model": "llama3", "prompt": prompt, "stream": False}
+        headers = {"X-Oshepherd-Priority": level}
+        thread = threading.Thread(
+            target=lambda: httpx.post(fleet.url + GENERATE, json=body, headers=headers, timeout=20),
+            daemon=True,
+        )
+        thread.start()
+        sent.append(thread)
+
+    with redis.Redis.from_url(fleet.stack.redis_url) as client:
+        send("busy", "normal")
+        host.wait_for(lambda h: h.active == 1)
+        for n, prompt in enumerate(("low-1", "low-2"), start=1):
+            send(prompt, "low")
+            wait_until(lambda n=n: client.llen(low) == n, 5, f"{n} low jobs queued")
+        send("high", "high")
+        host.wait_for(lambda h: h.completed == 4, timeout=10)
+    for thread in sent:
+        thread.join(10)
+    assert prompts(host) == ["busy", "high", "low-1", "low-2"]
