@@ -161,9 +161,13 @@ def test_x_oshepherd_priority_orders_requests_through_the_api(
     with redis.Redis.from_url(fleet.stack.redis_url) as client:
         send("busy", "normal")
         host.wait_for(lambda h: h.active == 1)
+
+        def queued(n: int) -> Callable[[], bool]:
+            return lambda: bool(client.llen(low) == n)
+
         for n, prompt in enumerate(("low-1", "low-2"), start=1):
             send(prompt, "low")
-            wait_until(lambda n=n: client.llen(low) == n, 5, f"{n} low jobs queued")
+            wait_until(queued(n), 5, f"{prompt} queued")
         send("high", "high")
         host.wait_for(lambda h: h.completed == 4, timeout=10)
     for thread in sent:
