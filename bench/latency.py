@@ -18,7 +18,7 @@ from bench.load import Request, Run, Sample
 from bench.report import Row, Target
 from oshepherd.testing.fleet import Fleet
 
-__all__ = ["FIGURES", "run"]
+__all__ = ["FIGURES", "percentile_rows", "run"]
 
 FIGURES = ("a", "b", "c", "d")
 TINY, TINY_TOKENS = "tiny:latest", 5
@@ -62,7 +62,7 @@ def _paths(fleet: Fleet, direct: str) -> dict[str, str]:
     return {"direct": direct, "gateway": fleet.url}
 
 
-def _percentile_rows(
+def percentile_rows(
     figure: str, what: str, runs: dict[str, list[Run]], attr: str, targets: dict[int, Target]
 ) -> list[Row]:
     values = {p: [getattr(s, attr) * 1e3 for r in rs for s in r.ok] for p, rs in runs.items()}
@@ -95,7 +95,7 @@ def _ttft(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
             rounds=profile.rounds,
         )
         targets = {50: Target("<=", 1.5), 99: Target("<=", 10.0)} if concurrency == 1 else {}
-        rows += _percentile_rows("a", f"TTFT c={concurrency}", runs, "ttft", targets)
+        rows += percentile_rows("a", f"TTFT c={concurrency}", runs, "ttft", targets)
     rows[0].notes.append("added = gateway percentile − direct percentile (unpaired samples)")
     return rows
 
@@ -109,7 +109,7 @@ def _latency(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
         count=profile.latency_requests,
         rounds=profile.rounds,
     )
-    return _percentile_rows("b", "non-streaming c=1", runs, "latency", {50: Target("<=", 2.0)})
+    return percentile_rows("b", "non-streaming c=1", runs, "latency", {50: Target("<=", 2.0)})
 
 
 def _requests_per_second(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:

@@ -98,6 +98,7 @@ class Request:
     lines: int | None = None  # exact number of NDJSON lines expected, when known
     check: Callable[[bytes], str] = field(default_factory=lambda: done_check, repr=False)
     on_first: Callable[[], None] | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict)  # beside HEADERS (an API key...)
 
 
 def client(connections: int = 0) -> aiohttp.ClientSession:
@@ -114,7 +115,8 @@ async def request(session: aiohttp.ClientSession, req: Request) -> Sample:
     """Send one request and read it to the end; failures come back as ``Sample.error``."""
     start = time.perf_counter()
     try:
-        async with session.post(req.url, data=req.body, headers=HEADERS) as response:
+        headers = {**HEADERS, **req.headers} if req.headers else HEADERS
+        async with session.post(req.url, data=req.body, headers=headers) as response:
             if response.status != 200:
                 text = (await response.read())[:200].decode(errors="replace")
                 return Sample(

@@ -5,15 +5,18 @@ changes atomically.
   the key's zset (``protocol.lease_key``), scored with its expiry: ``lease_ttl`` seconds,
   renewed every third of that while the request lives, removed when it ends. The lease of
   an API process that died expires on its own.
-* ``rpm``: requests per minute, by pyrate-limiter's GCRA on its Redis state store (one hash
-  per key): up to ``rpm`` at once, then one every ``60 / rpm`` seconds.
+* ``rpm``: requests per minute, by pyrate-limiter's GCRA (its algorithm and Lua script,
+  its state one hash per key, as its ``RedisStateStore`` keeps it): up to ``rpm`` at once,
+  then one every ``60 / rpm`` seconds.
 * ``tokens_per_day``: prompt plus completion tokens per UTC day. Checked before admission;
   counted after the request from its jobs' final frames (``oshepherd.usage.Usage``), so a
   request that starts under the budget may end past it.
 
 The budget and the concurrency limit are checked and the lease taken in one Lua script
-(``protocol.ADMIT_SCRIPT``); the rate is checked after them, so a request refused for its
-budget or concurrency spends none of it. Past a limit the request gets ``TooManyRequests``
+(``protocol.ADMIT_SCRIPT``), sent in one pipeline with the rate's: admission costs one
+round trip. The rate counts attempts: a request refused for its budget or concurrency
+spends a unit of it too; one refused for its rate gives its lease back. Past a limit the
+request gets ``TooManyRequests``
 (429, ``Retry-After``) with its ``code``: ``token_budget_exhausted`` (retry at the next UTC
 midnight), ``concurrency_limited`` (1 s) or ``rate_limited`` (when GCRA allows the next).
 
@@ -29,11 +32,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pyrate_limiter import GCRA, Duration, Rate, RedisStateStore
+from pyrate_limiter import GCRA, Duration, Rate
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
 from oshepherd import usage
 from oshepherd.api.errors import RedisUnavailable, TooManyRequests
@@ -100,14 +104,13 @@ class Limiter:
         self._leases: dict[str, str] = {}  # live lease id -> its zset
         self._ids = itertools.count()
         self._prefix = new_id()[:12] + ":"
-        self._stores: dict[str, RedisStateStore] = {}
-        self._rates: dict[int, list[Rate]] = {}
+        self._shas: tuple[str, str] | None = None  # ADMIT_SCRIPT's and GCRA's, once loaded
+        self._rates: dict[int, list[Any]] = {}  # rpm -> GCRA's arguments after the header
         self._writes: set[asyncio.Task[None]] = set()
         self._renewing: asyncio.Task[None] | None = None
 
     def start(self, redis: Redis) -> None:
         self._redis = redis
-        self._admit = redis.register_script(ADMIT_SCRIPT)
         self._renewing = asyncio.create_task(self._renew_forever())
 
     async def stop(self) -> None:
@@ -132,62 +135,100 @@ class Limiter:
         if key is None:
             return admission
         try:
-            if key.max_concurrent is not None or key.tokens_per_day is not None:
-                admission.lease = await self._lease(tenant, key)
-            if key.rpm is not None:
-                await self._rate(tenant, key.rpm)
-        except TooManyRequests:
-            admission.close()  # the lease, if one was taken
-            raise
+            verdicts = await self._check(tenant, key, admission)
         except RedisError as exc:
             admission.close()
             raise RedisUnavailable(exc) from exc
+        if (refusal := self._refusal(key, verdicts)) is not None:
+            admission.close()  # its lease, if one was taken
+            raise refusal
         return admission
 
-    async def _lease(self, tenant: str, key: ApiKey) -> str:
-        """Check the day's budget and take a concurrency lease (its id; "" with no
-        concurrency limit), in one round trip."""
+    async def _check(self, tenant: str, key: ApiKey, admission: Admission) -> list[Any]:
+        """Run the key's checks in one pipeline: ADMIT_SCRIPT (when it has a concurrency
+        limit or a budget; it takes the lease) and GCRA (when it has an rpm); their replies,
+        in that order. Scripts Redis lost (a restart) are loaded again."""
         now = time.time()
         lease = f"{self._prefix}{next(self._ids)}" if key.max_concurrent is not None else ""
+        for attempt in (0, 1):
+            shas = self._shas or await self._load()
+            try:
+                async with self._pipeline() as pipe:
+                    if key.max_concurrent is not None or key.tokens_per_day is not None:
+                        pipe.evalsha(shas[0], 2, *self._admit_args(tenant, key, lease, now))
+                    if key.rpm is not None:
+                        rate = self._gcra_args(key.rpm)
+                        pipe.evalsha(shas[1], 1, rate_key(tenant), int(now * 1000), 1, *rate)
+                    verdicts: list[Any] = await pipe.execute()
+            except NoScriptError:
+                self._shas = None
+                if attempt:
+                    raise
+                continue
+            break
+        if lease and key.max_concurrent is not None and verdicts[0] == ADMITTED:
+            admission.lease = lease
+            self._leases[lease] = lease_key(tenant)
+        return verdicts
+
+    def _admit_args(self, tenant: str, key: ApiKey, lease: str, now: float) -> list[Any]:
+        """ADMIT_SCRIPT's keys and arguments."""
         most = -1 if key.max_concurrent is None else key.max_concurrent
         budget = -1 if key.tokens_per_day is None else key.tokens_per_day
-        keys = [lease_key(tenant), budget_key(tenant, usage.today(now))]
         ttl = self._lease_ttl
-        args: list[str | float] = [now, lease, now + ttl, most, budget, math.ceil(2 * ttl)]
-        verdict = await self._admit(keys=keys, args=args)
-        if verdict == OVER_BUDGET:
-            midnight = (now // usage.DAY + 1) * usage.DAY
-            raise TooManyRequests(
-                f"this API key has used its {budget} tokens for today (UTC)",
-                code="token_budget_exhausted",
-                retry_after=max(1, math.ceil(midnight - now)),
-            )
-        if verdict == TOO_MANY:
-            raise TooManyRequests(
-                f"this API key already has {most} requests running or queued",
-                code="concurrency_limited",
-                retry_after=CONCURRENCY_RETRY,
-            )
-        if lease:
-            self._leases[lease] = keys[0]
-        return lease
+        keys = [lease_key(tenant), budget_key(tenant, usage.today(now))]
+        return [*keys, now, lease, now + ttl, most, budget, math.ceil(2 * ttl)]
 
-    async def _rate(self, tenant: str, rpm: int) -> None:
-        store = self._stores.get(tenant)
-        if store is None:
-            assert self._redis is not None
-            store = self._stores[tenant] = RedisStateStore(self._redis, rate_key(tenant))
-        rates = self._rates.get(rpm)
-        if rates is None:
-            rates = self._rates[rpm] = [Rate(rpm, Duration.MINUTE)]
-        decision = await store.check(_GCRA, rates, int(time.time() * 1000), 1)
-        if not decision.allowed:
-            wait = (decision.retry_after_ms or 1000) / 1000
-            raise TooManyRequests(
-                f"this API key is limited to {rpm} requests per minute",
-                code="rate_limited",
-                retry_after=max(1, math.ceil(wait)),
-            )
+    def _gcra_args(self, rpm: int) -> list[Any]:
+        """GCRA's arguments after now and weight: the state's TTL (ms), as pyrate-limiter's
+        store computes it, the number of rates, and the algorithm's own."""
+        args = self._rates.get(rpm)
+        if args is None:
+            rate = Rate(rpm, Duration.MINUTE)
+            ttl = math.ceil(2 * rate.burst * rate.interval / rate.limit)
+            args = self._rates[rpm] = [ttl, 1, *_GCRA.redis_args([rate])]
+        return args
+
+    @staticmethod
+    def _refusal(key: ApiKey, verdicts: list[Any]) -> TooManyRequests | None:
+        """The 429 for the first limit ``verdicts`` say the request is past, or None."""
+        given = iter(verdicts)
+        if key.max_concurrent is not None or key.tokens_per_day is not None:
+            verdict = next(given)
+            if verdict == OVER_BUDGET:
+                now = time.time()
+                midnight = (now // usage.DAY + 1) * usage.DAY
+                return TooManyRequests(
+                    f"this API key has used its {key.tokens_per_day} tokens for today (UTC)",
+                    code="token_budget_exhausted",
+                    retry_after=max(1, math.ceil(midnight - now)),
+                )
+            if verdict == TOO_MANY:
+                return TooManyRequests(
+                    f"this API key already has {key.max_concurrent} requests running or queued",
+                    code="concurrency_limited",
+                    retry_after=CONCURRENCY_RETRY,
+                )
+        if key.rpm is not None:
+            failing, retry_ms = next(given)
+            if int(failing) >= 0:
+                return TooManyRequests(
+                    f"this API key is limited to {key.rpm} requests per minute",
+                    code="rate_limited",
+                    retry_after=max(1, math.ceil(int(retry_ms) / 1000)),
+                )
+        return None
+
+    def _pipeline(self) -> Pipeline:
+        assert self._redis is not None
+        return self._redis.pipeline(transaction=False)
+
+    async def _load(self) -> tuple[str, str]:
+        assert self._redis is not None
+        admit = await self._redis.script_load(ADMIT_SCRIPT)
+        gcra = await self._redis.script_load(_GCRA.redis_script() or "")
+        self._shas = (str(admit), str(gcra))
+        return self._shas
 
     def finish(self, admission: Admission) -> None:
         """Release ``admission``'s lease and record its usage, in the background."""
