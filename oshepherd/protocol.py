@@ -340,8 +340,9 @@ class Job:
     ``tenant`` is the key id of the caller ("" without keys) and ``priority`` its kombu
     priority step (``PRIORITY_STEP``); the job waits in ``queue_key(queue, priority)``.
     ``queued`` is when it was queued (epoch s), from when a host that would have to load
-    the model leaves it to hosts that have it loaded (the worker's ``WARM_WAIT``); 0.0 when
-    no live host had the model loaded then, so that a cold host takes it at once.
+    the model leaves it to hosts that have it loaded (the worker's ``WARM_WAIT``); negated
+    when no live host had the model loaded then, so that a cold host takes it at once (its
+    magnitude still tells how long it has waited); 0.0 when unknown.
     """
 
     id: str
@@ -571,7 +572,8 @@ class WorkerEntry:
     ``models`` and ``running`` are the host's ``/api/tags`` and ``/api/ps`` entries as
     Ollama wrote them; ``started_at`` and ``expires`` are epoch seconds. ``cloud`` is the
     ``cloud`` object of the host's ``/api/status`` (``{"disabled": bool, "source": str}``),
-    empty from a host without that route or an older worker.
+    empty from a host without that route or an older worker. ``last_seen`` is when the
+    entry was written (epoch s; 0 from an older worker).
     """
 
     id: str
@@ -587,6 +589,7 @@ class WorkerEntry:
     started_at: float
     expires: float
     cloud: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
 
     def to_json(self) -> bytes:
         return orjson.dumps({f.name: getattr(self, f.name) for f in fields(self)})

@@ -31,7 +31,7 @@ from oshepherd.api.protections import (
     listens_on_loopback,
     origin_regex,
 )
-from oshepherd.api.routes import anthropic, manage, ollama, openai
+from oshepherd.api.routes import anthropic, fleet, manage, ollama, openai
 from oshepherd.api.routes import keys as key_routes
 from oshepherd.api.routes import usage as usage_routes
 from oshepherd.config import ApiSettings
@@ -98,6 +98,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(anthropic.router)
     app.include_router(key_routes.router)
     app.include_router(usage_routes.router)
+    app.include_router(fleet.router)
     return app
 
 

@@ -170,14 +170,14 @@ class Dispatcher:
 
     async def _enqueue(self, job: Job) -> bytes:
         """Queue ``job`` with a fresh deadline (none without ``QUEUE_TIMEOUT``) and queue
-        time (``Job.queued``: 0 when no host has its model loaded); its Celery message (to
-        find it again)."""
+        time (``Job.queued``: negated when no host has its model loaded); its Celery
+        message (to find it again)."""
         if not self._inboxes.is_ready:
             raise RedisUnavailable("reconnecting")
         now = time.time()
         timeout = self._queue_timeout
         job.deadline = None if timeout is None else now + timeout
-        job.queued = now if self._registry.warm(job.model) else 0.0
+        job.queued = now if self._registry.warm(job.model) else -now
         message = celery_message(job)
         try:
             depth = await self._enqueue_script(

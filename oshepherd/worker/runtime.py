@@ -196,7 +196,7 @@ class WorkerRuntime:
     async def _watch_cold_forever(self) -> None:
         """Every ``COLD_POLL`` seconds, while a slot is free, find the cold models with a
         job that has waited ``WARM_WAIT`` (or was queued when no host had the model loaded:
-        ``Job.queued`` 0): the consumer follows their queues until none has."""
+        ``Job.queued`` negative): the consumer follows their queues until none has."""
         script = self.redis.register_script(OLDEST_SCRIPT)
         while True:
             await asyncio.sleep(COLD_POLL)
@@ -264,6 +264,7 @@ class WorkerRuntime:
             started_at=self._started_at,
             expires=now + ttl,
             cloud=self._state.cloud,
+            last_seen=now,
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(worker_key(self.worker_id), entry.to_json(), px=int(ttl * 1000))

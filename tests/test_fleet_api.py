@@ -1,0 +1,117 @@
+"""The fleet API (/oshepherd/v1/workers, /queues) on a real fleet: two workers, one of them
+with a single slot whose model's queue fills while the slot is busy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+import httpx
+import pytest
+
+from oshepherd.redis_server import EmbeddedRedis
+from oshepherd.stack import wait_until
+from oshepherd.testing.fleet import Fleet
+from oshepherd.testing.standin import StandIn
+from tests.conftest import new_fleet
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+WORKER_FIELDS = {
+    "id", "hostname", "ollama_url", "version", "healthy", "error", "slots", "in_flight",
+    "models", "loaded", "started_at", "last_seen",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
+    """host0: llama3, each answer 1 s late, a worker of one slot (``busy``); host1: qwen2."""
+    fleet = new_fleet(redis_server, stack_log)
+    try:
+        busy = fleet.standin("llama3", latency=1.0)
+        other = fleet.standin("qwen2:7b")
+        fleet.start_api()
+        fleet.worker(busy, worker_id="busy", concurrency=1)
+        fleet.worker(other, worker_id="other")
+        fleet.wait_for_models("llama3:latest", "qwen2:7b")
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def get(fleet: Fleet, path: str, **params: str) -> httpx.Response:
+    return httpx.get(fleet.url + path, params=params, timeout=5)
+
+
+def test_workers_list_every_live_worker_with_its_models(fleet: Fleet) -> None:
+    workers = get(fleet, "/oshepherd/v1/workers").json()["workers"]
+    assert [w["id"] for w in workers] == ["busy", "other"]
+    busy, other = workers
+    assert set(busy) == WORKER_FIELDS
+    assert busy["models"] == ["llama3:latest"] and other["models"] == ["qwen2:7b"]
+    assert busy["slots"] == 1 and other["slots"] == 4
+    assert busy["healthy"] is True and busy["error"] == "" and busy["version"] == "0.12.0"
+    assert busy["ollama_url"] == fleet.standins[0].url
+    assert 0 < busy["started_at"] <= busy["last_seen"] <= time.time() + 1
+    assert get(fleet, "/oshepherd/v1/workers/other").json() == other
+
+
+def test_an_unknown_worker_is_a_404_in_ollamas_shape(fleet: Fleet) -> None:
+    answer = get(fleet, "/oshepherd/v1/workers/nobody")
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "worker 'nobody' not found", "code": "worker_not_found"}
+
+
+@pytest.mark.parametrize("bad", ["", " llama3", "x" * 600, "ll\x01ama"])
+def test_a_bad_model_filter_is_a_400(fleet: Fleet, bad: str) -> None:
+    answer = get(fleet, "/oshepherd/v1/queues", model=bad)
+    assert answer.status_code == 400 and "error" in answer.json()
+
+
+def test_queues_rise_while_the_one_slot_is_busy_and_fall(fleet: Fleet) -> None:
+    answers: list[int] = []
+
+    def generate(priority: str = "normal") -> threading.Thread:
+        def run() -> None:
+            body = {"model": "llama3", "prompt": "hi", "stream": False}
+            headers = {"X-Oshepherd-Priority": priority}
+            url = fleet.url + "/api/generate"
+            answers.append(httpx.post(url, json=body, headers=headers, timeout=30).status_code)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    host: StandIn = fleet.standins[0]
+    threads = [generate()]
+    host.wait_for(lambda h: h.active == 1)
+    threads += [generate(), generate(), generate("high")]
+
+    def llama3() -> dict[str, dict[str, Any]]:
+        rows = get(fleet, "/oshepherd/v1/queues", model="llama3").json()["queues"]
+        return {row["priority"]: row for row in rows}
+
+    wait_until(
+        lambda: llama3()["normal"]["depth"] == 2 and llama3()["high"]["depth"] == 1, 5, "queued"
+    )
+    rows = llama3()
+    assert list(rows) == ["high", "normal", "low"]
+    assert rows["low"] == {"model": "llama3:latest", "priority": "low", "depth": 0,
+                           "oldest_wait": None}  # fmt: skip
+    assert 0 < rows["normal"]["oldest_wait"] < 5
+    everything = get(fleet, "/oshepherd/v1/queues").json()["queues"]
+    assert [(r["model"], r["priority"]) for r in everything] == [
+        (model, level) for model in ("llama3:latest", "qwen2:7b") for level in rows
+    ]
+
+    def busy() -> dict[str, Any]:
+        return dict(get(fleet, "/oshepherd/v1/workers/busy").json())
+
+    wait_until(lambda: busy()["in_flight"] == 1, 3, "in flight seen in the registry")
+    assert busy()["loaded"] == ["llama3:latest"]
+    wait_until(lambda: all(row["depth"] == 0 for row in llama3().values()), 10, "emptied")
+    for thread in threads:
+        thread.join(10)
+    assert answers == [200] * 4
