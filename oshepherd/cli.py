@@ -1,14 +1,16 @@
-"""``oshepherd``: start-api, start-worker, up (the whole stack in one command), keys and
-usage."""
+"""``oshepherd``: start-api, start-worker, up (the whole stack in one command), keys,
+usage and worker-acl."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import secrets
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ import rich.console
 import rich.table
 
 from oshepherd import usage
+from oshepherd.acl import aclfile_line, quote, setuser_command
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
 from oshepherd.connections import async_redis
 from oshepherd.keys import ApiKey, InvalidKey, KeyStore, UnknownKey, public
@@ -355,3 +358,38 @@ async def _read_usage(url: str, when: list[str], key_id: str | None) -> list[usa
         return await usage.read(client, when, key_id)
     finally:
         await client.aclose()
+
+
+@main.command("worker-acl")
+@click.option("--user", required=True, help="Name of the Redis user for workers, e.g. worker.")
+@click.option(
+    "--password", help="Its password (default: a random one, shown in the URL on stderr)."
+)
+@click.option(
+    "--worker-id",
+    help="Bind the user to this one worker (its WORKER_ID): of the workers' registry entries "
+    "and queues it may touch only its own. Default: a user every worker may share.",
+)
+@click.option(
+    "--aclfile",
+    is_flag=True,
+    help="Print a line for a Redis ACL file instead of an ACL SETUSER command.",
+)
+def worker_acl(user: str, password: str | None, worker_id: str | None, aclfile: bool) -> None:
+    """Print the least-privilege Redis user of a worker (docs/redis-acl.md).
+
+    It may take jobs of every model, answer them, register and read the tenants; it may
+    not push a job, read the API keys, usage or limits, pattern-subscribe, list keys or
+    channels, or run admin commands (FLUSHALL, CONFIG...). Redis 6.2 or later. Run the
+    printed command as an admin (redis-cli ... ACL SETUSER ...; then ACL SAVE with an
+    aclfile), or add the --aclfile line to the file; give the worker the URL printed on
+    stderr as CELERY_BROKER_URL, with the host, port and database of your Redis.
+    """
+    secret = password or secrets.token_urlsafe(24)
+    try:
+        args = setuser_command(user, secret, worker_id)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    auth = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(secret, safe='')}"
+    click.echo(f"# worker: CELERY_BROKER_URL=redis://{auth}@HOST:6379/0", err=True)
+    click.echo(aclfile_line(user, secret, worker_id) if aclfile else " ".join(map(quote, args)))

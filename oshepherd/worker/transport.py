@@ -37,3 +37,13 @@ class Channel(redis.Channel):
 class Transport(redis.Transport):
     Channel = Channel
     brpop_timeout = 0.2  # type: ignore[assignment]  # seconds; Redis takes a float (≥ 6.0)
+
+    def _deliver(self, message: object, queue: str) -> None:
+        """A message popped off a queue the worker has just stopped following (its BRPOP
+        was under way as the queue was cancelled) runs like any other: every queue feeds
+        the one Celery consumer, and the worker's own queue is always followed. kombu would
+        requeue it, a list push that a worker's Redis user (``oshepherd.acl``) may not do."""
+        callbacks: dict[str, object] = self._callbacks or {}
+        if queue and queue not in callbacks and callbacks:
+            queue = next(iter(callbacks))
+        super()._deliver(message, queue)
