@@ -632,6 +632,18 @@ def usage_key(day: str) -> str:
     return f"{PREFIX}:usage:{day}"
 
 
+THROUGHPUT_BUCKET = 10  # seconds of requests one throughput bucket counts
+THROUGHPUT_TTL = 120  # seconds a throughput bucket is kept: the last minute, and more
+
+
+def throughput_key(bucket: int) -> str:
+    """Requests that ended in the ``THROUGHPUT_BUCKET`` seconds from
+    ``bucket * THROUGHPUT_BUCKET`` (epoch s): a hash ``<model>|<metric>`` -> int, the
+    metrics of ``usage_key``, written with the usage and read by
+    ``GET /oshepherd/v1/throughput``."""
+    return f"{PREFIX}:rate:{bucket}"
+
+
 # Admission of one request: refused (1) when the day's tokens reached the budget, else (2)
 # when the live leases (those not expired) reached the concurrency limit, else a lease is
 # taken (0). A limit of -1 is none. KEYS: lease key, budget key. ARGV: now (epoch s), lease

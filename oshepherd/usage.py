@@ -17,7 +17,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from oshepherd.protocol import USAGE_TTL, usage_key
+from oshepherd.protocol import (
+    THROUGHPUT_BUCKET,
+    THROUGHPUT_TTL,
+    USAGE_TTL,
+    throughput_key,
+    usage_key,
+)
 
 __all__ = ["NO_KEY", "Row", "Usage", "days", "read", "record", "today"]
 
@@ -62,18 +68,21 @@ class Usage:
 
 
 def record(pipe: Pipeline, tenant: str, usage: Usage, day: str) -> None:
-    """Queue on ``pipe`` the writes that add ``usage`` to ``tenant``'s ``day``."""
+    """Queue on ``pipe`` the writes that add ``usage`` to ``tenant``'s ``day``, and to the
+    fleet's throughput bucket of now (``protocol.throughput_key``)."""
     if not usage.models:
         return
     key = usage_key(day)
+    rate = throughput_key(int(time.time()) // THROUGHPUT_BUCKET)
     for model, (prompt, completion) in usage.models.items():
-        prefix = f"{tenant}|{model}|"
-        pipe.hincrby(key, prefix + "requests", 1)
-        if prompt:
-            pipe.hincrby(key, prefix + "prompt", prompt)
-        if completion:
-            pipe.hincrby(key, prefix + "completion", completion)
+        for hash_key, prefix in ((key, f"{tenant}|{model}|"), (rate, f"{model}|")):
+            pipe.hincrby(hash_key, prefix + "requests", 1)
+            if prompt:
+                pipe.hincrby(hash_key, prefix + "prompt", prompt)
+            if completion:
+                pipe.hincrby(hash_key, prefix + "completion", completion)
     pipe.expire(key, USAGE_TTL)
+    pipe.expire(rate, THROUGHPUT_TTL)
 
 
 @dataclass(frozen=True, slots=True)

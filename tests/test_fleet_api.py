@@ -115,3 +115,29 @@ def test_queues_rise_while_the_one_slot_is_busy_and_fall(fleet: Fleet) -> None:
     for thread in threads:
         thread.join(10)
     assert answers == [200] * 4
+
+
+def test_throughput_counts_the_last_minutes_requests_and_tokens(fleet: Fleet) -> None:
+    def qwen2() -> dict[str, Any]:
+        rates = get(fleet, "/oshepherd/v1/throughput").json()
+        return next((m for m in rates["models"] if m["model"] == "qwen2:7b"), {})
+
+    before = qwen2().get("requests_per_second", 0.0)
+    for _ in range(3):
+        body = {"model": "qwen2:7b", "prompt": "hi", "stream": False}
+        assert httpx.post(fleet.url + "/api/generate", json=body, timeout=10).status_code == 200
+    wanted = round(before + 3 / 60, 3)
+    wait_until(lambda: qwen2().get("requests_per_second") == wanted, 5, "3 requests counted")
+    assert qwen2()["completion_tokens_per_second"] > 0
+    rates = get(fleet, "/oshepherd/v1/throughput").json()
+    assert rates["window"] == 60 and rates["requests_per_second"] >= wanted
+    assert set(rates) == {"window", "requests_per_second", "prompt_tokens_per_second",
+                          "completion_tokens_per_second", "models"}  # fmt: skip
+
+
+def test_the_fleet_summary_has_workers_queues_and_throughput(fleet: Fleet) -> None:
+    summary = get(fleet, "/oshepherd/v1/fleet").json()
+    assert set(summary) == {"workers", "queues", "throughput"}
+    assert [w["id"] for w in summary["workers"]] == ["busy", "other"]
+    assert {q["model"] for q in summary["queues"]} == {"llama3:latest", "qwen2:7b"}
+    assert summary["throughput"]["window"] == 60

@@ -17,6 +17,17 @@ oldest of them has waited (null when none waits). The models are those the live 
 hold, or the one ``model`` names (normalized; an invalid name is a 400). Sorted by model,
 then priority from high to low. One Redis round trip (a pipeline: ``LLEN`` of each list and
 ``OLDEST_SCRIPT`` over them all), never a scan.
+
+``GET /oshepherd/v1/throughput``: the fleet's requests and tokens per second over the last
+``window`` (60) seconds, ``{"window", "requests_per_second", "prompt_tokens_per_second",
+"completion_tokens_per_second", "models": [{"model", "requests_per_second", ...}, ...]}``
+(models sorted). A request counts when it ends, with the tokens Ollama reported; every API
+replica adds it to the bucket of its 10 s (``protocol.throughput_key``, written with the
+usage, ``oshepherd.usage.record``), so every replica answers the same. One round trip: ``HGETALL``
+of the 7 buckets the window touches, the oldest weighed by the part of it inside.
+
+``GET /oshepherd/v1/fleet``: all three at once, ``{"workers", "queues", "throughput"}``, as
+above (``oshepherd status`` and the dashboard read it).
 """
 
 from __future__ import annotations
@@ -35,14 +46,23 @@ from oshepherd.models import entry_model, normalize
 from oshepherd.protocol import (
     OLDEST_SCRIPT,
     PRIORITY_STEP,
+    THROUGHPUT_BUCKET,
     WorkerEntry,
     model_queue,
     queue_key,
+    throughput_key,
 )
 
-__all__ = ["queue_rows", "router", "worker_view"]
+__all__ = ["queue_rows", "router", "throughput", "worker_view"]
 
 router = APIRouter(prefix="/oshepherd/v1")
+WINDOW = 60  # seconds over which throughput is measured
+# A rate bucket's metrics (``oshepherd.usage``) -> the throughput's fields.
+RATE_FIELDS = {
+    "requests": "requests_per_second",
+    "prompt": "prompt_tokens_per_second",
+    "completion": "completion_tokens_per_second",
+}
 
 
 class WorkerNotFound(ApiError):
@@ -67,7 +87,7 @@ async def read_worker(request: Request, worker_id: str) -> Response:
 async def list_queues(request: Request, model: str | None = None) -> Response:
     gw = gateway(request)
     if model is None:
-        models = sorted({entry_model(m) for w in _live(gw) for m in w.models})
+        models = _held(_live(gw))
     else:
         models = [normalize(model_name({"model": model}, "model"))]
     try:
@@ -75,6 +95,27 @@ async def list_queues(request: Request, model: str | None = None) -> Response:
     except RedisError as exc:
         raise RedisUnavailable(exc) from exc
     return json_response({"queues": rows})
+
+
+@router.get("/throughput", response_model=None)
+async def read_throughput(request: Request) -> Response:
+    try:
+        return json_response(await throughput(gateway(request)))
+    except RedisError as exc:
+        raise RedisUnavailable(exc) from exc
+
+
+@router.get("/fleet", response_model=None)
+async def read_fleet(request: Request) -> Response:
+    gw = gateway(request)
+    workers = _live(gw)
+    try:
+        queues = await queue_rows(gw, _held(workers))
+        rates = await throughput(gw)
+    except RedisError as exc:
+        raise RedisUnavailable(exc) from exc
+    views = [worker_view(w) for w in workers]
+    return json_response({"workers": views, "queues": queues, "throughput": rates})
 
 
 def worker_view(entry: WorkerEntry) -> dict[str, Any]:
@@ -126,6 +167,40 @@ async def queue_rows(gw: Gateway, models: list[str]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+async def throughput(gw: Gateway, now: float | None = None) -> dict[str, Any]:
+    """The fleet's rates over the last ``WINDOW`` seconds before ``now`` (see the module);
+    raises ``RedisError``."""
+    now = time.time() if now is None else now
+    last = int(now) // THROUGHPUT_BUCKET
+    first = int(now - WINDOW) // THROUGHPUT_BUCKET
+    async with gw.redis.pipeline(transaction=False) as pipe:
+        for bucket in range(first, last + 1):
+            pipe.hgetall(throughput_key(bucket))
+        hashes = await pipe.execute()
+    sums: dict[str, dict[str, float]] = {}
+    for bucket, counts in zip(range(first, last + 1), hashes, strict=True):
+        start = bucket * THROUGHPUT_BUCKET
+        elapsed = min(start + THROUGHPUT_BUCKET, now) - start
+        weight = (elapsed - max(now - WINDOW - start, 0.0)) / elapsed if elapsed > 0 else 0.0
+        for name, value in counts.items():
+            model, _, metric = name.decode().rpartition("|")
+            if metric in RATE_FIELDS:
+                per_model = sums.setdefault(model, dict.fromkeys(RATE_FIELDS.values(), 0.0))
+                per_model[RATE_FIELDS[metric]] += weight * int(value)
+    total = {field: sum(m[field] for m in sums.values()) for field in RATE_FIELDS.values()}
+    models = [{"model": m, **_rates(sums[m])} for m in sorted(sums)]
+    return {"window": WINDOW, **_rates(total), "models": models}
+
+
+def _rates(counts: dict[str, float]) -> dict[str, float]:
+    return {field: round(count / WINDOW, 3) for field, count in counts.items()}
+
+
+def _held(workers: list[WorkerEntry]) -> list[str]:
+    """The models (normalized) ``workers`` hold, sorted."""
+    return sorted({entry_model(m) for w in workers for m in w.models})
 
 
 def _waited(now: float, stamp: bytes | None) -> float | None:
