@@ -29,6 +29,7 @@ from oshepherd.protocol import (
     started_key,
     worker_key,
     worker_queue,
+    worker_stats_key,
 )
 
 __all__ = [
@@ -85,6 +86,10 @@ WORKER_COMMANDS: tuple[str, ...] = (
 )
 
 
+    # the tokens its jobs counted, with each heartbeat (oshepherd.worker.stats)
+    "hincrby",
+    "hset",
+    "expire",
 def _literal(name: str) -> str:
     """``name`` as a Redis glob matching only itself."""
     return re.sub(r"([\\*?\[\]])", r"\\\1", name)
@@ -107,15 +112,18 @@ def worker_rules(worker_id: str | None = None) -> list[str]:
     else:
         own = _literal(worker_queue(worker_id))
         queues = [models, *(queue_key(own, step) for step in PRIORITY_STEPS)]
+        stats = f"{worker_stats_key('')}*"
         exchanges = [models, own]
         entry = _literal(worker_key(worker_id))
     keys = [
         *queues,
         *(prefix + exchange for prefix in KOMBU_BINDINGS for exchange in exchanges),
+        stats = _literal(worker_stats_key(worker_id))
         entry,
         WORKERS_INDEX,
         TENANTS,
         f"{cancel_key('')}*",
+        stats,
         f"{started_key('')}*",
         f"{blob_key('')}*",
     ]

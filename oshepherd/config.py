@@ -89,6 +89,10 @@ class ApiSettings(CommonSettings):
     # (uvicorn's forwarded_allow_ips; none by default, so no client can spoof its address).
     allow_ips: str = Field(default="", description="CIDRs that may call, comma-separated")
     trusted_proxies: str = Field(default="", description="CIDRs of trusted proxies")
+    # Prometheus (docs/metrics.md): per-request metrics on or off; the bearer token that may
+    # scrape /metrics and /metrics/fleet once API keys exist (besides an admin key).
+    metrics: bool = Field(default=True, description="count requests for /metrics")
+    metrics_token: str = Field(default="", description="bearer token of /metrics scrapes")
 
     @field_validator("queue_timeout", mode="before")
     @classmethod

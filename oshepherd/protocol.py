@@ -41,6 +41,7 @@ __all__ = [
     "PRIORITY_STEP",
     "PRIORITY_STEPS",
     "START_SCRIPT",
+    "STATS_TTL",
     "SUPERSEDE_SCRIPT",
     "TASK_NAME",
     "TENANTS",
@@ -77,6 +78,7 @@ __all__ = [
     "started_key",
     "worker_key",
     "worker_queue",
+    "worker_stats_key",
 ]
 
 PREFIX = "oshepherd"
@@ -146,6 +148,17 @@ def queue_worker(queue: str) -> str | None:
 def worker_key(worker_id: str) -> str:
     """Registry entry of one worker (``WorkerEntry`` as JSON, with a TTL)."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def worker_stats_key(worker_id: str) -> str:
+    """What one worker's jobs counted (``oshepherd.worker.stats``): a hash, per model
+    ``<model>|prompt`` and ``<model>|completion`` (tokens, HINCRBY'd: ints) and
+    ``<model>|tps`` (Ollama's generation speed over its latest jobs, tokens/s: a float);
+    expires ``STATS_TTL`` seconds after the worker's last heartbeat."""
+    return f"{PREFIX}:stats:{worker_id}"
+
+
+STATS_TTL = 7 * 86400
 
 
 def cancel_key(job_id: str) -> str:

@@ -21,6 +21,7 @@ from oshepherd.api.coalesce import CoalescingHttpProtocol
 from oshepherd.api.errors import install_handlers
 from oshepherd.api.gateway import Gateway
 from oshepherd.api.limits import Limiter
+from oshepherd.api.metrics import Observe
 from oshepherd.api.protections import (
     ALLOWED_HEADERS,
     CORS_MAX_AGE,
@@ -33,6 +34,7 @@ from oshepherd.api.protections import (
 )
 from oshepherd.api.routes import anthropic, fleet, manage, ollama, openai
 from oshepherd.api.routes import keys as key_routes
+from oshepherd.api.routes import metrics as metrics_routes
 from oshepherd.api.routes import usage as usage_routes
 from oshepherd.config import ApiSettings
 from oshepherd.keys import parse_networks
@@ -88,6 +90,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 table=keys,
                 allow_ips=parse_networks(settings.allow_ips),
                 limiter=limiter,
+                metrics_token=settings.metrics_token,
             ),
         ],
     )
@@ -99,6 +102,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(key_routes.router)
     app.include_router(usage_routes.router)
     app.include_router(fleet.router)
+    app.include_router(metrics_routes.router)
+    if settings.metrics:  # outermost: counts the requests any middleware refuses too
+        app.add_middleware(Observe, routes=[getattr(r, "path", "") for r in app.routes])
     return app
 
 

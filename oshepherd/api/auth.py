@@ -6,7 +6,9 @@ resolves the ``Caller`` and sets it for the request (``caller()``); the dispatch
 when it queues a job.
 
 * Keys are off until the first key exists: a fleet without keys behaves as Ollama does.
-  Once one exists, every route needs a key except ``GET|HEAD /`` and ``/api/version``.
+  Once one exists, every route needs a key except ``GET|HEAD /``, ``/api/version`` and the
+  probes ``/healthz`` and ``/readyz``; ``/metrics`` and ``/metrics/fleet`` need an admin key
+  or ``Authorization: Bearer <METRICS_TOKEN>`` (docs/metrics.md).
 * A key comes as ``Authorization: Bearer <key>`` (ollama-python and ollama-js through
   ``OLLAMA_API_KEY``, the OpenAI SDK, Claude Code's ``ANTHROPIC_AUTH_TOKEN``) or as
   ``x-api-key: <key>`` (the Anthropic SDK).
@@ -31,6 +33,7 @@ stays in force.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
 from collections.abc import Iterable
@@ -79,8 +82,11 @@ log = logging.getLogger(__name__)
 
 PRIORITY_HEADER = "X-Oshepherd-Priority"
 POLL_INTERVAL = 0.25  # seconds between two looks at KEYS_VERSION
-# What needs no key: Ollama's liveness and version probes (GET and HEAD only).
-OPEN_PATHS = frozenset({"/", "/api/version"})
+# What needs no key: Ollama's liveness and version probes, the load balancers' (GET and
+# HEAD only).
+OPEN_PATHS = frozenset({"/", "/api/version", "/healthz", "/readyz"})
+# Prometheus's scrapes: an admin key, or the ``METRICS_TOKEN`` bearer.
+METRICS_PATHS = frozenset({"/metrics", "/metrics/fleet"})
 OPEN_METHODS = frozenset({"GET", "HEAD"})
 # What needs an admin key (with or without a trailing '/').
 ADMIN_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
@@ -171,10 +177,12 @@ class Authenticate:
         table: KeyTable,
         allow_ips: Iterable[str],
         limiter: Limiter | None = None,
+        metrics_token: str = "",
     ) -> None:
         self.app = app
         self._table = table
         self._limiter = limiter
+        self._metrics_token = metrics_token.encode()
         self._allow_ips = tuple(ipaddress.ip_network(cidr) for cidr in allow_ips)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -225,6 +233,8 @@ class Authenticate:
             if not table.loaded:
                 raise _not_loaded()
             return Caller(None, "", priority or "normal", client)
+        if scope["path"] in METRICS_PATHS and self._is_metrics_token(bearer):
+            return Caller(None, "", "normal", client)
         key = _key(table, bearer, api_key, scope["headers"])
         if _needs_admin(scope["path"]) and key.scope != "admin":
             raise Forbidden("this route needs an admin API key", code="insufficient_scope")
@@ -235,6 +245,15 @@ class Authenticate:
         if priority is None or _RANK[priority] < _RANK[key.priority]:
             priority = key.priority
         return Caller(key, key.id, priority, client)
+
+    def _is_metrics_token(self, bearer: bytes | None) -> bool:
+        """Whether ``Authorization`` is ``Bearer <METRICS_TOKEN>`` (compared in constant time)."""
+        if not self._metrics_token or bearer is None:
+            return False
+        scheme, _, secret = bearer.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(
+            secret.strip(), self._metrics_token
+        )
 
 
 def _priority(value: bytes | None) -> str | None:
@@ -258,7 +277,9 @@ def _is_open(scope: Scope) -> bool:
 
 
 def _needs_admin(path: str) -> bool:
-    return path.rstrip("/") in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
+    return (
+        path.rstrip("/") in ADMIN_PATHS or path in METRICS_PATHS or path.startswith(ADMIN_PREFIXES)
+    )
 
 
 def _key(table: KeyTable, bearer: bytes | None, api_key: bytes | None, headers: Headers) -> ApiKey:

@@ -39,6 +39,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from oshepherd.api.metrics import note_redis_error
+
 __all__ = [
     "CLIENT_CLOSED",
     "JSON",
@@ -166,7 +168,10 @@ class Unavailable(ApiError):
 
 
 class RedisUnavailable(Unavailable):
+    """Counted, where it is made, in ``oshepherd_redis_errors_total``."""
+
     def __init__(self, detail: object = None) -> None:
+        note_redis_error()
         suffix = f": {detail}" if detail else ""
         super().__init__(f"the gateway cannot reach Redis{suffix}")
 

@@ -21,6 +21,7 @@ from oshepherd.api.errors import (
     Unavailable,
 )
 from oshepherd.api.inbox import LOST, Inbox
+from oshepherd.api.metrics import note_model, note_started
 from oshepherd.protocol import (
     CANCEL_ALL,
     Data,
@@ -156,6 +157,8 @@ class JobStream:
         self._usage = usage if job.model else None
         if self._usage is not None:
             self._usage.job(job.model)
+        if job.model:
+            note_model(job.model)
         self._inbox = inbox
         self._liveness = liveness
         self._cancel = cancel
@@ -232,6 +235,8 @@ class JobStream:
             self._last_frame = time.monotonic()
             if isinstance(frame, Start):
                 self.worker = frame.worker
+                if self.job.model:
+                    note_started(self.job.model, self._last_frame - self._enqueued)
             elif not isinstance(frame, Ping):
                 return frame
 

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from oshepherd.api.errors import JSON, ApiError, error_line, error_response
 from oshepherd.api.jobstream import JobStream
+from oshepherd.api.metrics import note_first_byte
 from oshepherd.api.watched import WatchedResponse
 from oshepherd.protocol import Data
 
@@ -58,6 +59,7 @@ class RelayResponse(WatchedResponse):
         content_type = head.content_type or JSON
         headers = [(b"content-type", content_type.encode())]
         split = _splitter(content_type)
+        note_first_byte(head.status)
         if head.last and split is None:
             await self._settled()
             headers.append((b"content-length", str(len(head.body)).encode()))

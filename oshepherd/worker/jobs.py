@@ -25,6 +25,7 @@ from oshepherd.tokens import NO_COUNTS, TokenMeter, UsageProbe
 from oshepherd.worker.blobs import BlobRelay
 from oshepherd.worker.ollama import OllamaHost, OllamaStreamBroke, OllamaUnreachable
 from oshepherd.worker.outbox import Outbox
+from oshepherd.worker.stats import Tally
 
 __all__ = ["JobRunner"]
 
@@ -60,6 +61,7 @@ class JobRunner:
         self._on_models_changed = on_models_changed
         self._start = redis.register_script(START_SCRIPT)
         self._blobs = BlobRelay(redis, host, worker_id)
+        self.tally = Tally(worker_id)  # the tokens of its jobs, written with the heartbeat
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
     async def run(self, job: Job) -> None:
@@ -145,7 +147,9 @@ class JobRunner:
                 elif self._loaded_by(job, response.status):
                     # An unload straight after must find this host: advertise it first.
                     await self._on_models_changed()
-                outbox.finish(meter.counts() if meter is not None else NO_COUNTS)
+                counts = meter.counts() if meter is not None else NO_COUNTS
+                self.tally.add(job.model, counts)
+                outbox.finish(counts)
         except OllamaUnreachable as exc:
             message = f"worker {self._worker_id} cannot reach its Ollama at {self._host.base_url}"
             log.warning("job %s: %s: %s", job.id, message, exc)

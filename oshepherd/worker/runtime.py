@@ -270,16 +270,27 @@ class WorkerRuntime:
             pipe.set(worker_key(self.worker_id), entry.to_json(), px=int(ttl * 1000))
             pipe.zadd(WORKERS_INDEX, {self.worker_id: now + ttl})
             pipe.zremrangebyscore(WORKERS_INDEX, "-inf", now)
-            await pipe.execute()
+            await self._execute_with_tally(pipe)
 
     async def _deregister(self) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(worker_key(self.worker_id))
                 pipe.zrem(WORKERS_INDEX, self.worker_id)
-                await pipe.execute()
+                await self._execute_with_tally(pipe)
         except RedisError as exc:
             log.warning("could not remove the registry entry: %r", exc)
+
+    async def _execute_with_tally(self, pipe: Any) -> None:
+        """Run the registry's ``pipe`` with the tokens counted since the last one
+        (``oshepherd.worker.stats``): no round trip of their own; kept for the next on a
+        Redis error."""
+        taken = self.runner.tally.flush(pipe)
+        try:
+            await pipe.execute()
+        except RedisError:
+            self.runner.tally.restore(taken)
+            raise
 
     async def _listen_for_cancels(self) -> None:
         while True:
