@@ -56,6 +56,9 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "ping",
     "client|setinfo",
     "client|maint_notifications",
+    # a database other than 0 in the URL (an ACL is not per database: the same key
+    # patterns hold in each)
+    "select",
     # kombu: take a job (BRPOP over the queues, highest priority first); declare a queue
     # (SADD its binding, MULTI/LLEN/EXEC its size)
     "brpop",
@@ -83,13 +86,13 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "exists",
     # the cold queues' oldest jobs (OLDEST_SCRIPT)
     "lindex",
-)
-
-
     # the tokens its jobs counted, with each heartbeat (oshepherd.worker.stats)
     "hincrby",
     "hset",
     "expire",
+)
+
+
 def _literal(name: str) -> str:
     """``name`` as a Redis glob matching only itself."""
     return re.sub(r"([\\*?\[\]])", r"\\\1", name)
@@ -109,21 +112,21 @@ def worker_rules(worker_id: str | None = None) -> list[str]:
         own = f"{worker_queue('')}*"  # every worker's queue, each priority's list of it
         queues, exchanges = [models, own], [models, own]
         entry = f"{worker_key('')}*"
+        stats = f"{worker_stats_key('')}*"
     else:
         own = _literal(worker_queue(worker_id))
         queues = [models, *(queue_key(own, step) for step in PRIORITY_STEPS)]
-        stats = f"{worker_stats_key('')}*"
         exchanges = [models, own]
         entry = _literal(worker_key(worker_id))
+        stats = _literal(worker_stats_key(worker_id))
     keys = [
         *queues,
         *(prefix + exchange for prefix in KOMBU_BINDINGS for exchange in exchanges),
-        stats = _literal(worker_stats_key(worker_id))
         entry,
+        stats,
         WORKERS_INDEX,
         TENANTS,
         f"{cancel_key('')}*",
-        stats,
         f"{started_key('')}*",
         f"{blob_key('')}*",
     ]

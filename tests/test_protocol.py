@@ -16,6 +16,7 @@ from oshepherd.protocol import (
     BLOB_DATA,
     TASK_NAME,
     BlobAbort,
+    BlobAck,
     BlobEnd,
     Data,
     End,
@@ -28,6 +29,7 @@ from oshepherd.protocol import (
     Start,
     WorkerEntry,
     binary_body,
+    blob_ack_channel,
     celery_message,
     decode_blob_part,
     decode_frame,
@@ -146,6 +148,16 @@ def test_a_blob_upload_item_round_trips_and_refuses_garbage() -> None:
         with pytest.raises(ProtocolError):
             decode_blob_part(raw)
     assert Job.from_dict({**job().to_dict(), "upload": "u1"}).upload == "u1"
+
+
+def test_a_blob_ack_round_trips_on_its_apis_reply_channel() -> None:
+    ack = BlobAck("worker 1", 42)
+    assert BlobAck.decode(ack.encode()) == ack
+    for raw in (b"", b"42", b"42 ", b"x w", b"-1 w"):
+        with pytest.raises(ProtocolError):
+            BlobAck.decode(raw)
+    upload = job(upload="u1")  # a job of the API api1
+    assert blob_ack_channel(upload) == job_channel("api1", "u1")  # its pattern covers it
 
 
 def test_a_job_past_its_deadline_is_expired() -> None:
