@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import blobs, keys, latency, report, scale, scheduling, soak
+from bench import blobs, keys, latency, metrics, report, scale, scheduling, soak
 from bench.fleet import Lab, raise_open_file_limit
 from bench.harness import DEFAULT, QUICK, Profile
 from bench.report import Row
@@ -29,6 +29,8 @@ GROUPS: list[tuple[frozenset[str], Group]] = [
     (frozenset({"fair"}), lambda lab, profile, wanted: scheduling.fair_share(lab, profile)),
     (frozenset({"warm"}), lambda lab, profile, wanted: scheduling.warm_first(lab, profile)),
     (frozenset({"keys"}), lambda lab, profile, wanted: keys.keys_overhead(lab, profile)),
+    (frozenset({"metrics"}), lambda lab, profile, wanted: metrics.metrics_overhead(lab, profile)),
+    (frozenset({"scrape"}), lambda lab, profile, wanted: metrics.scrape(lab, profile)),
 ]
 FIGURES = [f for figures, _ in GROUPS for f in sorted(figures)]
 
