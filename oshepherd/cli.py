@@ -1,5 +1,5 @@
 """``oshepherd``: start-api, start-worker, up (the whole stack in one command), keys,
-usage and worker-acl."""
+usage, worker-acl, and status and pull (``oshepherd.remote``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import redis
 import rich.console
 import rich.table
 
-from oshepherd import usage
+from oshepherd import remote, usage
 from oshepherd.acl import aclfile_line, quote, setuser_command
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
 from oshepherd.connections import async_redis
@@ -393,3 +393,7 @@ def worker_acl(user: str, password: str | None, worker_id: str | None, aclfile: 
     auth = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(secret, safe='')}"
     click.echo(f"# worker: CELERY_BROKER_URL=redis://{auth}@HOST:6379/0", err=True)
     click.echo(aclfile_line(user, secret, worker_id) if aclfile else " ".join(map(quote, args)))
+
+
+main.add_command(remote.status)
+main.add_command(remote.pull)

@@ -53,6 +53,9 @@ def test_a_layer_sums_its_workers_and_counts_the_silent_ones_at_the_largest_tota
         "total": 12 * GB,
         "completed": GB,
         "workers": 1,
+        "worker": "a",
+        "worker_total": 4 * GB,
+        "worker_completed": GB,
     }
     second = merged(
         merge, "b", status="pulling abc", digest="sha256:abc", total=4 * GB, completed=3 * GB

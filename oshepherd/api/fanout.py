@@ -7,7 +7,7 @@ queue). Their answers merge into one:
   ``ProgressMerge``). Layer lines are sent as they arrive, so a slow host never holds back
   the others' bars; the workers' own ``success`` lines are held back: the stream ends with
   ``{"status": "success"}`` only when every target succeeded, otherwise with
-  ``{"error": "pull failed on <worker>: <error>; ..."}``.
+  ``{"error": "pull failed on <worker>: <error>; ...", "failed": {<worker>: <error>, ...}}``.
 * If nothing was sent before the end (every target failed at once, ``stream: false``, copy,
   delete), the answer is an HTTP status: 200 when all succeeded, else the first failed
   target's status with the same message.
@@ -66,8 +66,11 @@ class ProgressMerge:
     * A line with a ``digest`` carries the sums over the workers: ``total`` (a worker that
       has not reported the layer yet counts as the largest total seen, so the bar's length
       is right from its first line), ``completed``, and ``workers``, how many have
-      reported it; ``status`` and other fields are those of the line that just arrived.
-      Per digest, neither ``total`` nor ``completed`` ever drops below what was sent.
+      reported it; ``status`` and other fields are those of the line that just arrived,
+      whose sender is ``worker`` with its own ``worker_total`` and ``worker_completed``
+      (``oshepherd pull`` draws a bar per host from them; Ollama's clients ignore fields
+      they do not know). Per digest, neither ``total`` nor ``completed`` ever drops below
+      what was sent.
     * A line without a digest is sent once for the fleet. A worker's first line
       ("pulling manifest") goes at once; any later one ("verifying sha256 digest",
       "writing manifest") is held back until every target has sent it or ended, so that it
@@ -107,13 +110,21 @@ class ProgressMerge:
 
     def _layer(self, worker: str, digest: str, line: dict[str, Any]) -> bytes:
         layer = self._layers.setdefault(digest, {})
-        layer[worker] = (_count(line.get("total")), _count(line.get("completed")))
+        own = layer[worker] = (_count(line.get("total")), _count(line.get("completed")))
         totals = [total for total, _ in layer.values()]
         sent_total, sent_completed = self._sent.get(digest, (0, 0))
         total = max(sum(totals) + (self._workers - len(layer)) * max(totals), sent_total)
         completed = max(sum(done for _, done in layer.values()), sent_completed)
         self._sent[digest] = (total, completed)
-        merged = {**line, "total": total, "completed": completed, "workers": len(layer)}
+        merged = {
+            **line,
+            "total": total,
+            "completed": completed,
+            "workers": len(layer),
+            "worker": worker,
+            "worker_total": own[0],
+            "worker_completed": own[1],
+        }
         return orjson.dumps(merged) + b"\n"
 
     def _release(self) -> list[bytes]:
@@ -284,10 +295,17 @@ class FanoutResponse(WatchedResponse):
             await send({"type": "http.response.body", "body": line, "more_body": True})
         failure = await self._fanout.failure()
         if started:
-            last = error_line(self.path, failure.message, sse=False) if failure else SUCCESS_LINE
+            last = self._last_line(failure) if failure else SUCCESS_LINE
             await send({"type": "http.response.body", "body": last})
             return
         await self._final(failure)(scope, receive, send)
+
+    def _last_line(self, failure: ApiError) -> bytes:
+        """The stream's last line after a failure: Ollama's error line, plus ``failed``,
+        each failed target's error by worker."""
+        line = orjson.loads(error_line(self.path, failure.message, sse=False))
+        line["failed"] = {w: o.error for w, o in self._fanout.outcomes.items() if o.error}
+        return orjson.dumps(line) + b"\n"
 
     def _final(self, failure: ApiError | None) -> Response:
         """The whole answer when no progress line was sent."""

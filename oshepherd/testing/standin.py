@@ -353,8 +353,8 @@ class StandIn:
         self.stop()
 
     def fail_next(self, status: int, error: str, count: int = 1) -> None:
-        """Answer the next `count` model-bound requests or blob uploads with `status` and
-        ``{"error": error}``."""
+        """Answer the next `count` model-bound requests, pulls or blob uploads with `status`
+        and ``{"error": error}``."""
         with self._lock:
             self._faults = [status, error, count]
 
@@ -724,6 +724,8 @@ class StandIn:
         name = _name(body.get("model") or body.get("name"))
         if "missing" in name:
             raise _Fail(500, "pull model manifest: file does not exist")
+        if fault := self._take(self._faults):
+            raise _Fail(fault[0], fault[1])
         self._add(name)
         digest = f"sha256:{_sha(_key(name))}"
         layers = [
