@@ -1,13 +1,17 @@
 """The rules of a worker's Redis user (``oshepherd.acl``), without a Redis: what they never
-grant, how a per-worker user names its own keys, and how the lines are written."""
+grant, how a per-worker user names its own keys, and how the lines are written; a worker's
+TLS options for a ``rediss://`` broker."""
 
 from __future__ import annotations
+
+from ssl import CERT_REQUIRED
 
 import pytest
 from click.testing import CliRunner
 
 from oshepherd.acl import WORKER_COMMANDS, aclfile_line, quote, setuser_command, worker_rules
 from oshepherd.cli import main
+from oshepherd.worker.celery_app import broker_tls
 
 # Commands that put a message on a list, or read or list what a worker must not see.
 NEVER = {
@@ -54,3 +58,9 @@ def test_the_cli_prints_the_command_and_the_workers_url() -> None:
     assert "redis://w:p%40ss@HOST:6379/0" in result.stderr
     result = CliRunner().invoke(main, ["worker-acl", "--user", "w", "--worker-id", "a b"])
     assert result.exit_code == 2 and "without spaces" in result.output
+
+
+def test_a_rediss_broker_is_tls_with_verification_unless_the_url_says_otherwise() -> None:
+    assert broker_tls("rediss://w:pw@redis.example:6380/0") == {"ssl_cert_reqs": CERT_REQUIRED}
+    assert broker_tls("rediss://redis.example:6380/0?ssl_cert_reqs=optional") is None
+    assert broker_tls("redis://redis.example:6379/0") is None

@@ -21,6 +21,8 @@ queue cycle moves the queue it took from to the end (round robin among tenants' 
 from __future__ import annotations
 
 import logging
+import ssl
+import urllib.parse
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -39,6 +41,18 @@ log = logging.getLogger(__name__)
 # Seconds between two looks at the runtime's queues: a cold model's queue that has become
 # due (a job waited WARM_WAIT) is followed this soon; a look that finds no change is free.
 QUEUE_SYNC_INTERVAL = 0.05
+
+
+def broker_tls(url: str) -> dict[str, Any] | None:
+    """kombu's TLS options for a ``rediss://`` URL without ``ssl_cert_reqs``: verify the
+    server's certificate (redis-py's default for such a URL). kombu would otherwise speak
+    plain text to it through a transport named by module (``broker_transport``), where its
+    own rediss transport would skip the verification. None for any other URL, whose
+    ``ssl_*`` query parameters kombu reads itself (docs/redis-acl.md)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in urllib.parse.parse_qs(parts.query):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
@@ -60,6 +74,7 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        broker_use_ssl=broker_tls(settings.celery_broker_url),
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT,
             "priority_steps": list(PRIORITY_STEPS),
