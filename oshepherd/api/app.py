@@ -32,7 +32,7 @@ from oshepherd.api.protections import (
     listens_on_loopback,
     origin_regex,
 )
-from oshepherd.api.routes import anthropic, fleet, manage, ollama, openai
+from oshepherd.api.routes import anthropic, dashboard, fleet, manage, ollama, openai
 from oshepherd.api.routes import keys as key_routes
 from oshepherd.api.routes import metrics as metrics_routes
 from oshepherd.api.routes import usage as usage_routes
@@ -103,6 +103,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(usage_routes.router)
     app.include_router(fleet.router)
     app.include_router(metrics_routes.router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.ASSETS, dashboard.assets())
     if settings.metrics:  # outermost: counts the requests any middleware refuses too
         app.add_middleware(Observe, routes=[getattr(r, "path", "") for r in app.routes])
     return app

@@ -6,9 +6,10 @@ resolves the ``Caller`` and sets it for the request (``caller()``); the dispatch
 when it queues a job.
 
 * Keys are off until the first key exists: a fleet without keys behaves as Ollama does.
-  Once one exists, every route needs a key except ``GET|HEAD /``, ``/api/version`` and the
-  probes ``/healthz`` and ``/readyz``; ``/metrics`` and ``/metrics/fleet`` need an admin key
-  or ``Authorization: Bearer <METRICS_TOKEN>`` (docs/metrics.md).
+  Once one exists, every route needs a key except ``GET|HEAD /``, ``/api/version``, the
+  probes ``/healthz`` and ``/readyz``, and the dashboard's page and assets (``/oshepherd/``,
+  ``/oshepherd/assets/*``, no data in them); ``/metrics`` and ``/metrics/fleet`` need an
+  admin key or ``Authorization: Bearer <METRICS_TOKEN>`` (docs/metrics.md).
 * A key comes as ``Authorization: Bearer <key>`` (ollama-python and ollama-js through
   ``OLLAMA_API_KEY``, the OpenAI SDK, Claude Code's ``ANTHROPIC_AUTH_TOKEN``) or as
   ``x-api-key: <key>`` (the Anthropic SDK).
@@ -84,7 +85,9 @@ PRIORITY_HEADER = "X-Oshepherd-Priority"
 POLL_INTERVAL = 0.25  # seconds between two looks at KEYS_VERSION
 # What needs no key: Ollama's liveness and version probes, the load balancers' (GET and
 # HEAD only).
-OPEN_PATHS = frozenset({"/", "/api/version", "/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/", "/api/version", "/healthz", "/readyz", "/oshepherd", "/oshepherd/"})
+# The dashboard's page and assets hold no data (its fetches need an admin key): docs/dashboard.md.
+OPEN_PREFIXES = ("/oshepherd/assets/",)
 # Prometheus's scrapes: an admin key, or the ``METRICS_TOKEN`` bearer.
 METRICS_PATHS = frozenset({"/metrics", "/metrics/fleet"})
 OPEN_METHODS = frozenset({"GET", "HEAD"})
@@ -273,7 +276,8 @@ def _is_open(scope: Scope) -> bool:
     method = scope["method"]
     if method == "OPTIONS":
         return any(name == b"access-control-request-method" for name, _ in scope["headers"])
-    return method in OPEN_METHODS and scope["path"] in OPEN_PATHS
+    path = scope["path"]
+    return method in OPEN_METHODS and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES))
 
 
 def _needs_admin(path: str) -> bool:
