@@ -3,14 +3,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OLLAMA ?= http://127.0.0.1:11434
 JS := tests/js/node_modules/.installed
+# The dashboard's browser tests drive Debian's chromium through chromedriver (apt, as root or
+# with sudo); OSHEPHERD_SKIP_BROWSER=1 skips both the install and those tests.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: up test lint bench clean
+.PHONY: up test lint bench clean browser
 
 up: $(VENV)/.installed
 	$(VENV)/bin/oshepherd up $(foreach url,$(OLLAMA),--ollama $(url))
 
-test: $(VENV)/.installed $(JS)
+test: $(VENV)/.installed $(JS) browser
 	$(PY) -m pytest
+
+browser:
+ifneq ($(OSHEPHERD_SKIP_BROWSER),1)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+endif
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check oshepherd tests bench
