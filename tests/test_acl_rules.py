@@ -4,6 +4,7 @@ TLS options for a ``rediss://`` broker."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from ssl import CERT_REQUIRED
 
 import pytest
@@ -64,3 +65,9 @@ def test_a_rediss_broker_is_tls_with_verification_unless_the_url_says_otherwise(
     assert broker_tls("rediss://w:pw@redis.example:6380/0") == {"ssl_cert_reqs": CERT_REQUIRED}
     assert broker_tls("rediss://redis.example:6380/0?ssl_cert_reqs=optional") is None
     assert broker_tls("redis://redis.example:6379/0") is None
+
+
+def test_the_rules_in_the_docs_are_the_codes() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "redis-acl.md").read_text()
+    start = doc.index("resetchannels -@all")
+    assert doc[start : doc.index("\n```", start)].split() == worker_rules()
