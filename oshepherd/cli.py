@@ -21,7 +21,7 @@ import redis
 import rich.console
 import rich.table
 
-from oshepherd import remote, usage
+from oshepherd import logs, remote, usage
 from oshepherd.acl import aclfile_line, quote, setuser_command
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
 from oshepherd.connections import async_redis
@@ -39,9 +39,8 @@ ENV_FILE = click.option(
 )
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _logging(level: str, log_format: logs.LogFormat = "text") -> None:
+    logs.configure(level, log_format)
 
 
 def _settings(cls: type[Any], env_file: Path | None, **overrides: Any) -> Any:
@@ -68,7 +67,7 @@ def start_api(env_file: Path | None, **overrides: Any) -> None:
     from oshepherd.api.app import serve
 
     settings: ApiSettings = _settings(ApiSettings, env_file, **overrides)
-    _logging(settings.loglevel)
+    _logging(settings.loglevel, settings.log_format)
     serve(settings)
 
 
@@ -84,7 +83,7 @@ def start_worker(env_file: Path | None, **overrides: Any) -> None:
     from oshepherd.worker.celery_app import run_worker
 
     settings: WorkerSettings = _settings(WorkerSettings, env_file, **overrides)
-    _logging(settings.loglevel)
+    _logging(settings.loglevel, settings.log_format)
     sys.exit(run_worker(settings))
 
 

@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from oshepherd.keys import parse_networks
+from oshepherd.logs import LogFormat
 
 __all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "env_names", "load", "redacted"]
 
@@ -38,6 +39,7 @@ class CommonSettings(BaseSettings):
         default=None, description="Pub/Sub and registry; defaults to CELERY_BROKER_URL"
     )
     loglevel: str = "INFO"
+    log_format: LogFormat = Field(default="text", description="text or json (LOG_FORMAT)")
 
     @field_validator("celery_broker_url", "redis_url")
     @classmethod

@@ -356,6 +356,8 @@ class Job:
     the model leaves it to hosts that have it loaded (the worker's ``WARM_WAIT``); negated
     when no live host had the model loaded then, so that a cold host takes it at once (its
     magnitude still tells how long it has waited); 0.0 when unknown.
+    ``request_id`` is the ``X-Request-Id`` of the request the job is for (its log lines on
+    the worker name it); "" from an older API.
     """
 
     id: str
@@ -373,6 +375,7 @@ class Job:
     tenant: str = ""
     priority: int = PRIORITY_STEP["normal"]
     queued: float = 0.0
+    request_id: str = ""
 
     @property
     def key(self) -> str:
@@ -439,7 +442,7 @@ def celery_message(job: Job) -> bytes:
             "timelimit": [None, None],
             "root_id": job.id,
             "parent_id": None,
-            "argsrepr": f"[job {job.id}]",
+            "argsrepr": f"[job {job.id} request {job.request_id}]",
             "kwargsrepr": "{}",
             "origin": "oshepherd-api",
             "ignore_result": True,

@@ -92,6 +92,8 @@ def test_status_needs_an_admin_key_once_keys_exist(make_fleet: Callable[[], Flee
         user, _ = store.create({"name": "user", "scope": "user"})
         admin, _ = store.create({"name": "admin", "scope": "admin"})
     wait_until(lambda: httpx.get(fleet.url + "/api/tags").status_code == 401, 5, "keys on")
+    refused = httpx.get(fleet.url + "/oshepherd/v1/fleet", headers={"X-Request-Id": "r-401"})
+    assert (refused.status_code, refused.headers["x-request-id"]) == (401, "r-401")
     result = oshepherd("status", "--url", fleet.url)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: {fleet.url} refused the key (401): ")

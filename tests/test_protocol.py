@@ -222,5 +222,6 @@ def test_kombu_and_celery_take_the_native_message_for_a_real_task_message() -> N
         request = Request(message, app=app, task=run_job)
     assert (request.id, request.name) == (original.id, TASK_NAME)
     assert request.args == [original.to_dict()] and request.kwargs == {}
-    assert request.argsrepr == f"[job {original.id}]"  # logs never carry the prompt
+    # Celery's log lines name the job and its request, never the prompt.
+    assert request.argsrepr == f"[job {original.id} request {original.request_id}]"
     assert Job.from_dict(request.args[0]) == original

@@ -32,6 +32,7 @@ from oshepherd.api.protections import (
     listens_on_loopback,
     origin_regex,
 )
+from oshepherd.api.requestid import RequestId
 from oshepherd.api.routes import anthropic, dashboard, fleet, manage, ollama, openai
 from oshepherd.api.routes import keys as key_routes
 from oshepherd.api.routes import metrics as metrics_routes
@@ -84,6 +85,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         redoc_url=None,
         telemetry=NO_TELEMETRY,
         middleware=[
+            Middleware(RequestId),  # every answer carries X-Request-Id, a guard's too
             *protections(settings),
             Middleware(
                 Authenticate,
@@ -155,6 +157,7 @@ def serve(settings: ApiSettings) -> None:
         loop="uvloop",
         http=CoalescingHttpProtocol,  # httptools, a system call per loop turn
         log_level=settings.loglevel.lower(),
+        log_config=None,  # uvicorn's lines go through the root logger (oshepherd.logs)
         access_log=settings.loglevel == "DEBUG",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         proxy_headers=bool(trusted),

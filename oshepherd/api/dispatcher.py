@@ -29,6 +29,7 @@ from oshepherd.api.inbox import Inboxes
 from oshepherd.api.jobstream import JobStream, Liveness
 from oshepherd.api.registry import Registry
 from oshepherd.config import ApiSettings
+from oshepherd.logs import request_id
 from oshepherd.models import normalize
 from oshepherd.protocol import (
     CANCEL_ALL,
@@ -150,7 +151,7 @@ class Dispatcher:
         job = Job(
             job_id, channel, method, path, body, model, None, queue=queue, residency=residency,
             content_type=content_type, upload=upload, tenant=who.tenant,
-            priority=PRIORITY_STEP[who.priority],
+            priority=PRIORITY_STEP[who.priority], request_id=request_id.get(),
         )  # fmt: skip
         inbox = self._inboxes.open(job_id)  # before the job is queued: Pub/Sub keeps nothing
         try:

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from oshepherd.connections import raise_if_cancelling
+from oshepherd.logs import request_id
 from oshepherd.models import entry_model, normalize
 from oshepherd.protocol import (
     MODEL_CHANGING_PATHS,
@@ -65,7 +66,10 @@ class JobRunner:
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
     async def run(self, job: Job) -> None:
-        """Run ``job`` unless it is past its deadline or cancelled."""
+        """Run ``job`` unless it is past its deadline or cancelled; its request's id is on
+        every log line meanwhile (a task of its own: the id goes with it)."""
+        request_id.set(job.request_id)
+        log.debug("job %s: %s %s, attempt %d", job.id, job.method, job.path, job.attempt)
         if job.expired():
             log.info("job %s: past its deadline, skipped", job.id)
             return
