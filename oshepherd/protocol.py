@@ -675,3 +675,28 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 return 0
 """
+
+
+def admission_script(rate_script: str) -> str:
+    """Admission in one script: ``ADMIT_SCRIPT`` (KEYS[1:2], ARGV[1:6]), then, when ARGV[7]
+    is 1, ``rate_script`` (a rate limiter's, run as is: KEYS[3], ARGV[8:]). The rate counts
+    the attempt even when ``ADMIT_SCRIPT`` refused it; when the rate refuses it, the lease
+    just taken is given back. Returns {admit verdict, the rate's failing index, its retry
+    ms} ({verdict, -1, 0} without a rate)."""
+    return f"""
+local function admit(KEYS, ARGV)
+{ADMIT_SCRIPT}
+end
+local function rate(KEYS, ARGV)
+{rate_script}
+end
+local verdict = admit({{KEYS[1], KEYS[2]}}, ARGV)
+if ARGV[7] ~= '1' then return {{verdict, -1, 0}} end
+local rate_argv = {{}}
+for i = 8, #ARGV do rate_argv[#rate_argv + 1] = ARGV[i] end
+local limited = rate({{KEYS[3]}}, rate_argv)
+if tonumber(limited[1]) >= 0 and verdict == 0 and tonumber(ARGV[4]) >= 0 then
+    redis.call('ZREM', KEYS[1], ARGV[2])
+end
+return {{verdict, limited[1], limited[2]}}
+"""

@@ -12,10 +12,11 @@ changes atomically.
   counted after the request from its jobs' final frames (``oshepherd.usage.Usage``), so a
   request that starts under the budget may end past it.
 
-The budget and the concurrency limit are checked and the lease taken in one Lua script
-(``protocol.ADMIT_SCRIPT``), sent in one pipeline with the rate's: admission costs one
-round trip. The rate counts attempts: a request refused for its budget or concurrency
-spends a unit of it too; one refused for its rate gives its lease back. Past a limit the
+The budget and the concurrency limit are checked and the lease taken by one Lua script
+(``protocol.ADMIT_SCRIPT``), run with the rate's in one script
+(``protocol.admission_script``): admission costs one EVALSHA. The rate counts attempts: a
+request refused for its budget or concurrency spends a unit of it too; one refused for its
+rate gives its lease back in the same script. Past a limit the
 request gets ``TooManyRequests``
 (429, ``Retry-After``) with its ``code``: ``token_budget_exhausted`` (retry at the next UTC
 midnight), ``concurrency_limited`` (1 s) or ``rate_limited`` (when GCRA allows the next).
@@ -36,15 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from pyrate_limiter import GCRA, Duration, Rate
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from oshepherd import usage
 from oshepherd.api.errors import RedisUnavailable, TooManyRequests
 from oshepherd.keys import ApiKey
 from oshepherd.protocol import (
-    ADMIT_SCRIPT,
     BUDGET_TTL,
+    admission_script,
     budget_key,
     lease_key,
     new_id,
@@ -75,6 +75,7 @@ INFERENCE_PATHS = frozenset(
 ADMITTED, OVER_BUDGET, TOO_MANY = 0, 1, 2  # ADMIT_SCRIPT's answers
 CONCURRENCY_RETRY = 1  # seconds: when a running request may have ended
 _GCRA = GCRA()
+_SCRIPT = admission_script(_GCRA.redis_script() or "")
 
 
 @dataclass(slots=True)
@@ -104,7 +105,7 @@ class Limiter:
         self._leases: dict[str, str] = {}  # live lease id -> its zset
         self._ids = itertools.count()
         self._prefix = new_id()[:12] + ":"
-        self._shas: tuple[str, str] | None = None  # ADMIT_SCRIPT's and GCRA's, once loaded
+        self._sha: str | None = None  # _SCRIPT's, once loaded
         self._rates: dict[int, list[Any]] = {}  # rpm -> GCRA's arguments after the header
         self._writes: set[asyncio.Task[None]] = set()
         self._renewing: asyncio.Task[None] | None = None
@@ -128,56 +129,56 @@ class Limiter:
 
     async def admit(self, who: Caller) -> Admission:
         """Let a request of ``who`` through (without a key: no limits; its usage counts
-        under the tenant ""). Raises ``TooManyRequests`` past a limit, ``RedisUnavailable``.
-        """
+        under the tenant ""). Raises ``TooManyRequests`` past a limit (no lease is then
+        held), ``RedisUnavailable``."""
         tenant, key = who.tenant, who.key
         admission = Admission(self, tenant, key, who.usage)
-        if key is None:
+        if key is None or (
+            key.max_concurrent is None and key.tokens_per_day is None and key.rpm is None
+        ):
             return admission
         try:
-            verdicts = await self._check(tenant, key, admission)
+            lease, admitted, failing, retry_ms = await self._evaluate(tenant, key)
         except RedisError as exc:
-            admission.close()
             raise RedisUnavailable(exc) from exc
-        if (refusal := self._refusal(key, verdicts)) is not None:
-            admission.close()  # its lease, if one was taken
+        if (refusal := self._refusal(key, admitted, failing, retry_ms)) is not None:
             raise refusal
+        if lease:
+            admission.lease = lease
+            self._leases[lease] = lease_key(tenant)
         return admission
 
-    async def _check(self, tenant: str, key: ApiKey, admission: Admission) -> list[Any]:
-        """Run the key's checks in one pipeline: ADMIT_SCRIPT (when it has a concurrency
-        limit or a budget; it takes the lease) and GCRA (when it has an rpm); their replies,
-        in that order. Scripts Redis lost (a restart) are loaded again."""
+    async def _evaluate(self, tenant: str, key: ApiKey) -> tuple[str, int, int, int]:
+        """Run the admission script for ``key``: the lease it may have taken ("" if none),
+        ADMIT_SCRIPT's verdict, the rate's failing index and retry (ms). A script Redis lost
+        (a restart) is loaded again."""
+        assert self._redis is not None
         now = time.time()
         lease = f"{self._prefix}{next(self._ids)}" if key.max_concurrent is not None else ""
+        args = self._script_args(tenant, key, lease, now)
         for attempt in (0, 1):
-            shas = self._shas or await self._load()
+            sha = self._sha or await self._load()
             try:
-                async with self._pipeline() as pipe:
-                    if key.max_concurrent is not None or key.tokens_per_day is not None:
-                        pipe.evalsha(shas[0], 2, *self._admit_args(tenant, key, lease, now))
-                    if key.rpm is not None:
-                        rate = self._gcra_args(key.rpm)
-                        pipe.evalsha(shas[1], 1, rate_key(tenant), int(now * 1000), 1, *rate)
-                    verdicts: list[Any] = await pipe.execute()
+                admitted, failing, retry_ms = await self._redis.evalsha(sha, 3, *args)
             except NoScriptError:
-                self._shas = None
+                self._sha = None
                 if attempt:
                     raise
                 continue
             break
-        if lease and key.max_concurrent is not None and verdicts[0] == ADMITTED:
-            admission.lease = lease
-            self._leases[lease] = lease_key(tenant)
-        return verdicts
+        taken = lease if admitted == ADMITTED and int(failing) < 0 else ""
+        return taken, int(admitted), int(failing), int(retry_ms)
 
-    def _admit_args(self, tenant: str, key: ApiKey, lease: str, now: float) -> list[Any]:
-        """ADMIT_SCRIPT's keys and arguments."""
+    def _script_args(self, tenant: str, key: ApiKey, lease: str, now: float) -> list[Any]:
+        """The admission script's keys and arguments (``protocol.admission_script``)."""
         most = -1 if key.max_concurrent is None else key.max_concurrent
         budget = -1 if key.tokens_per_day is None else key.tokens_per_day
         ttl = self._lease_ttl
-        keys = [lease_key(tenant), budget_key(tenant, usage.today(now))]
-        return [*keys, now, lease, now + ttl, most, budget, math.ceil(2 * ttl)]
+        keys = [lease_key(tenant), budget_key(tenant, usage.today(now)), rate_key(tenant)]
+        args = [now, lease, now + ttl, most, budget, math.ceil(2 * ttl)]
+        if key.rpm is None:
+            return [*keys, *args, 0]
+        return [*keys, *args, 1, int(now * 1000), 1, *self._gcra_args(key.rpm)]
 
     def _gcra_args(self, rpm: int) -> list[Any]:
         """GCRA's arguments after now and weight: the state's TTL (ms), as pyrate-limiter's
@@ -190,45 +191,35 @@ class Limiter:
         return args
 
     @staticmethod
-    def _refusal(key: ApiKey, verdicts: list[Any]) -> TooManyRequests | None:
-        """The 429 for the first limit ``verdicts`` say the request is past, or None."""
-        given = iter(verdicts)
-        if key.max_concurrent is not None or key.tokens_per_day is not None:
-            verdict = next(given)
-            if verdict == OVER_BUDGET:
-                now = time.time()
-                midnight = (now // usage.DAY + 1) * usage.DAY
-                return TooManyRequests(
-                    f"this API key has used its {key.tokens_per_day} tokens for today (UTC)",
-                    code="token_budget_exhausted",
-                    retry_after=max(1, math.ceil(midnight - now)),
-                )
-            if verdict == TOO_MANY:
-                return TooManyRequests(
-                    f"this API key already has {key.max_concurrent} requests running or queued",
-                    code="concurrency_limited",
-                    retry_after=CONCURRENCY_RETRY,
-                )
-        if key.rpm is not None:
-            failing, retry_ms = next(given)
-            if int(failing) >= 0:
-                return TooManyRequests(
-                    f"this API key is limited to {key.rpm} requests per minute",
-                    code="rate_limited",
-                    retry_after=max(1, math.ceil(int(retry_ms) / 1000)),
-                )
+    def _refusal(key: ApiKey, verdict: int, failing: int, retry_ms: int) -> TooManyRequests | None:
+        """The 429 for the first limit the script's answer says the request is past, or
+        None: ADMIT_SCRIPT's ``verdict`` first, then the rate's (``failing`` >= 0)."""
+        if verdict == OVER_BUDGET:
+            now = time.time()
+            midnight = (now // usage.DAY + 1) * usage.DAY
+            return TooManyRequests(
+                f"this API key has used its {key.tokens_per_day} tokens for today (UTC)",
+                code="token_budget_exhausted",
+                retry_after=max(1, math.ceil(midnight - now)),
+            )
+        if verdict == TOO_MANY:
+            return TooManyRequests(
+                f"this API key already has {key.max_concurrent} requests running or queued",
+                code="concurrency_limited",
+                retry_after=CONCURRENCY_RETRY,
+            )
+        if failing >= 0:
+            return TooManyRequests(
+                f"this API key is limited to {key.rpm} requests per minute",
+                code="rate_limited",
+                retry_after=max(1, math.ceil(retry_ms / 1000)),
+            )
         return None
 
-    def _pipeline(self) -> Pipeline:
+    async def _load(self) -> str:
         assert self._redis is not None
-        return self._redis.pipeline(transaction=False)
-
-    async def _load(self) -> tuple[str, str]:
-        assert self._redis is not None
-        admit = await self._redis.script_load(ADMIT_SCRIPT)
-        gcra = await self._redis.script_load(_GCRA.redis_script() or "")
-        self._shas = (str(admit), str(gcra))
-        return self._shas
+        self._sha = str(await self._redis.script_load(_SCRIPT))
+        return self._sha
 
     def finish(self, admission: Admission) -> None:
         """Release ``admission``'s lease and record its usage, in the background."""
