@@ -677,12 +677,18 @@ return 0
 """
 
 
-def admission_script(rate_script: str) -> str:
-    """Admission in one script: ``ADMIT_SCRIPT`` (KEYS[1:2], ARGV[1:6]), then, when ARGV[7]
-    is 1, ``rate_script`` (a rate limiter's, run as is: KEYS[3], ARGV[8:]). The rate counts
-    the attempt even when ``ADMIT_SCRIPT`` refused it; when the rate refuses it, the lease
-    just taken is given back. Returns {admit verdict, the rate's failing index, its retry
-    ms} ({verdict, -1, 0} without a rate)."""
+def admitted_enqueue_script(rate_script: str) -> str:
+    """A request's first job queued and the request admitted, in one script (so limits cost
+    no round trip of their own). KEYS: lease zset, budget key, rate key, the job's list.
+    ARGV: message, max depth, then ``ADMIT_SCRIPT``'s six arguments, then 1 and
+    ``rate_script``'s arguments (a rate limiter's script, run as is), or 0 without a rate.
+
+    A full list refuses first and takes nothing. Then ``ADMIT_SCRIPT``; the rate counts the
+    attempt even when ``ADMIT_SCRIPT`` refused it, and when the rate refuses it the lease
+    just taken is given back. The message is pushed only when both admit it. Returns
+    {admit verdict, the rate's failing index (-1: admitted), its retry (ms), the list's new
+    depth (-1: full; 0: not pushed)}.
+    """
     return f"""
 local function admit(KEYS, ARGV)
 {ADMIT_SCRIPT}
@@ -690,13 +696,20 @@ end
 local function rate(KEYS, ARGV)
 {rate_script}
 end
-local verdict = admit({{KEYS[1], KEYS[2]}}, ARGV)
-if ARGV[7] ~= '1' then return {{verdict, -1, 0}} end
-local rate_argv = {{}}
-for i = 8, #ARGV do rate_argv[#rate_argv + 1] = ARGV[i] end
-local limited = rate({{KEYS[3]}}, rate_argv)
-if tonumber(limited[1]) >= 0 and verdict == 0 and tonumber(ARGV[4]) >= 0 then
-    redis.call('ZREM', KEYS[1], ARGV[2])
+if redis.call('LLEN', KEYS[4]) >= tonumber(ARGV[2]) then return {{0, -1, 0, -1}} end
+local admit_argv = {{}}
+for i = 3, 8 do admit_argv[#admit_argv + 1] = ARGV[i] end
+local verdict = admit({{KEYS[1], KEYS[2]}}, admit_argv)
+local failing, retry = -1, 0
+if ARGV[9] == '1' then
+    local rate_argv = {{}}
+    for i = 10, #ARGV do rate_argv[#rate_argv + 1] = ARGV[i] end
+    local limited = rate({{KEYS[3]}}, rate_argv)
+    failing, retry = tonumber(limited[1]), limited[2]
+    if failing >= 0 and verdict == 0 and tonumber(admit_argv[4]) >= 0 then
+        redis.call('ZREM', KEYS[1], admit_argv[2])
+    end
 end
-return {{verdict, limited[1], limited[2]}}
+if verdict ~= 0 or failing >= 0 then return {{verdict, failing, retry, 0}} end
+return {{0, -1, 0, redis.call('LPUSH', KEYS[4], ARGV[1])}}
 """

@@ -67,7 +67,7 @@ from oshepherd.protocol import KEYS, KEYS_VERSION
 from oshepherd.usage import Usage
 
 if TYPE_CHECKING:
-    from oshepherd.api.limits import Limiter
+    from oshepherd.api.limits import Admission, Limiter
 
 __all__ = [
     "PRIORITY_HEADER",
@@ -103,13 +103,16 @@ _RANK = {level: rank for rank, level in enumerate(LEVELS)}
 class Caller:
     """The caller of the current request: its ``key`` (None when keys are off), ``tenant``
     (the key's id, "" when keys are off), ``priority`` (a level of ``keys.LEVELS``) and
-    ``client`` address; ``usage``, what its jobs used (``JobStream`` adds to it)."""
+    ``client`` address; ``usage``, what its jobs used (``JobStream`` adds to it);
+    ``admission``, its limits on an inference route (``Dispatcher`` queues its first job
+    with it)."""
 
     key: ApiKey | None = None
     tenant: str = ""
     priority: str = "normal"
     client: str = ""
     usage: Usage = field(default_factory=Usage)
+    admission: Admission | None = None
 
 
 _NOBODY = Caller()
@@ -203,11 +206,7 @@ class Authenticate:
             if limiter is None or not limiter.applies(scope["method"], scope["path"]):
                 await self.app(scope, receive, send)
                 return
-            try:
-                admission = await limiter.admit(who)
-            except ApiError as exc:
-                await error_response(scope["path"], exc)(scope, receive, send)
-                return
+            who.admission = admission = limiter.admission(who)  # checked by its first job
             try:
                 await self.app(scope, receive, send)
             finally:

@@ -172,7 +172,9 @@ class Dispatcher:
     async def _enqueue(self, job: Job) -> bytes:
         """Queue ``job`` with a fresh deadline (none without ``QUEUE_TIMEOUT``) and queue
         time (``Job.queued``: negated when no host has its model loaded); its Celery
-        message (to find it again)."""
+        message (to find it again). The request's first job is queued with its admission
+        (``Admission.enqueue``): raises ``TooManyRequests`` past a key's limit, as well as
+        ``QueueFull`` and ``RedisUnavailable``."""
         if not self._inboxes.is_ready:
             raise RedisUnavailable("reconnecting")
         now = time.time()
@@ -180,10 +182,15 @@ class Dispatcher:
         job.deadline = None if timeout is None else now + timeout
         job.queued = now if self._registry.warm(job.model) else -now
         message = celery_message(job)
+        admission = caller().admission
         try:
-            depth = await self._enqueue_script(
-                keys=[job.key], args=[message, self._max_queue_depth]
-            )
+            depth = None
+            if admission is not None and admission.pending:  # the request's limits, at once
+                depth = await admission.enqueue(job.key, message, self._max_queue_depth)
+            if depth is None:
+                depth = await self._enqueue_script(
+                    keys=[job.key], args=[message, self._max_queue_depth]
+                )
         except RedisError as exc:
             raise RedisUnavailable(exc) from exc
         if depth == -1:

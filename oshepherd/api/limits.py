@@ -12,14 +12,16 @@ changes atomically.
   counted after the request from its jobs' final frames (``oshepherd.usage.Usage``), so a
   request that starts under the budget may end past it.
 
-The budget and the concurrency limit are checked and the lease taken by one Lua script
-(``protocol.ADMIT_SCRIPT``), run with the rate's in one script
-(``protocol.admission_script``): admission costs one EVALSHA. The rate counts attempts: a
-request refused for its budget or concurrency spends a unit of it too; one refused for its
-rate gives its lease back in the same script. Past a limit the
-request gets ``TooManyRequests``
-(429, ``Retry-After``) with its ``code``: ``token_budget_exhausted`` (retry at the next UTC
-midnight), ``concurrency_limited`` (1 s) or ``rate_limited`` (when GCRA allows the next).
+A request is admitted when it queues its first job, by the script that queues it
+(``protocol.admitted_enqueue_script``: ``ADMIT_SCRIPT`` checks the budget and the
+concurrency limit and takes the lease, the rate limiter's own script counts the request,
+and only then is the job pushed), so limits cost no round trip of their own. The rate
+counts attempts: a request refused for its budget or concurrency spends a unit of it too;
+one refused for its rate gives its lease back in the same script. A request that queues no
+job (a 400, a 404) is not counted. Past a limit the request gets ``TooManyRequests`` (429,
+``Retry-After``) with its ``code``, before any job of it exists: ``token_budget_exhausted``
+(retry at the next UTC midnight), ``concurrency_limited`` (1 s) or ``rate_limited`` (when
+GCRA allows the next).
 
 Limits apply to the inference routes (``INFERENCE_PATHS``). ``Admission.close`` releases the
 lease and writes the request's usage (``oshepherd.usage``) after the response, off its path.
@@ -40,11 +42,11 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from oshepherd import usage
-from oshepherd.api.errors import RedisUnavailable, TooManyRequests
+from oshepherd.api.errors import TooManyRequests
 from oshepherd.keys import ApiKey
 from oshepherd.protocol import (
     BUDGET_TTL,
-    admission_script,
+    admitted_enqueue_script,
     budget_key,
     lease_key,
     new_id,
@@ -75,20 +77,37 @@ INFERENCE_PATHS = frozenset(
 ADMITTED, OVER_BUDGET, TOO_MANY = 0, 1, 2  # ADMIT_SCRIPT's answers
 CONCURRENCY_RETRY = 1  # seconds: when a running request may have ended
 _GCRA = GCRA()
-_SCRIPT = admission_script(_GCRA.redis_script() or "")
+_SCRIPT = admitted_enqueue_script(_GCRA.redis_script() or "")
 
 
 @dataclass(slots=True)
 class Admission:
-    """A request let through: ``close`` it when the request ends (it releases the lease
-    and records the usage, in the background)."""
+    """A request to an inference route, admitted with its first job (``enqueue``): ``close``
+    it when the request ends (it releases the lease and records the usage, in the
+    background). ``pending`` until the limits have been checked (never, for a request that
+    queues no job, or whose key has no limits); ``refusal``, the 429 they gave."""
 
     limiter: Limiter
     tenant: str
     key: ApiKey | None
     usage: usage.Usage
+    pending: bool = False
+    refusal: TooManyRequests | None = None
     lease: str = ""
-    closed: bool = field(default=False)
+    closed: bool = False
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def enqueue(self, queue: str, message: bytes, max_depth: int) -> int | None:
+        """Push ``message`` on the list ``queue`` with the admission, if it is still
+        pending: the list's new depth (-1: full, nothing taken), or None once the admission
+        is decided (the caller pushes as usual). Raises ``TooManyRequests`` past a limit
+        (for every job of a refused request), ``RedisError``."""
+        async with self._lock:  # a scatter's jobs: the first is admitted, the rest wait
+            if self.refusal is not None:
+                raise self.refusal
+            if not self.pending:
+                return None
+            return await self.limiter.enqueue(self, queue, message, max_depth)
 
     def close(self) -> None:
         if not self.closed:
@@ -127,58 +146,63 @@ class Limiter:
         """Whether limits apply to a request (an inference route; ``path/`` too)."""
         return method == "POST" and (path in INFERENCE_PATHS or path[:-1] in INFERENCE_PATHS)
 
-    async def admit(self, who: Caller) -> Admission:
-        """Let a request of ``who`` through (without a key: no limits; its usage counts
-        under the tenant ""). Raises ``TooManyRequests`` past a limit (no lease is then
-        held), ``RedisUnavailable``."""
-        tenant, key = who.tenant, who.key
-        admission = Admission(self, tenant, key, who.usage)
-        if key is None or (
-            key.max_concurrent is None and key.tokens_per_day is None and key.rpm is None
-        ):
-            return admission
-        try:
-            lease, admitted, failing, retry_ms = await self._evaluate(tenant, key)
-        except RedisError as exc:
-            raise RedisUnavailable(exc) from exc
-        if (refusal := self._refusal(key, admitted, failing, retry_ms)) is not None:
-            raise refusal
-        if lease:
-            admission.lease = lease
-            self._leases[lease] = lease_key(tenant)
-        return admission
+    def admission(self, who: Caller) -> Admission:
+        """The admission of a request of ``who`` (without a key, or a key without limits:
+        nothing to check; its usage counts all the same, under the tenant "" without a
+        key). Its limits are checked when it queues its first job (``Admission.enqueue``)."""
+        key = who.key
+        limited = key is not None and (
+            key.max_concurrent is not None or key.tokens_per_day is not None or key.rpm is not None
+        )
+        return Admission(self, who.tenant, key, who.usage, pending=limited)
 
-    async def _evaluate(self, tenant: str, key: ApiKey) -> tuple[str, int, int, int]:
-        """Run the admission script for ``key``: the lease it may have taken ("" if none),
-        ADMIT_SCRIPT's verdict, the rate's failing index and retry (ms). A script Redis lost
-        (a restart) is loaded again."""
-        assert self._redis is not None
+    async def enqueue(self, admission: Admission, queue: str, message: bytes, depth: int) -> int:
+        """Check ``admission``'s limits and push ``message`` on ``queue`` if they let it
+        through (``protocol.admitted_enqueue_script``, one EVALSHA; loaded again if Redis
+        lost it): the list's new depth, -1 when full (the admission stays pending). Raises
+        ``TooManyRequests``, ``RedisError``."""
+        assert self._redis is not None and admission.key is not None
+        key, tenant = admission.key, admission.tenant
         now = time.time()
         lease = f"{self._prefix}{next(self._ids)}" if key.max_concurrent is not None else ""
-        args = self._script_args(tenant, key, lease, now)
+        keys, args = self._script_args(tenant, key, lease, now)
         for attempt in (0, 1):
             sha = self._sha or await self._load()
             try:
-                admitted, failing, retry_ms = await self._redis.evalsha(sha, 3, *args)
+                verdict, failing, retry_ms, pushed = await self._redis.evalsha(
+                    sha, 4, *keys, queue, message, depth, *args
+                )
             except NoScriptError:
                 self._sha = None
                 if attempt:
                     raise
                 continue
             break
-        taken = lease if admitted == ADMITTED and int(failing) < 0 else ""
-        return taken, int(admitted), int(failing), int(retry_ms)
+        if pushed == -1:
+            return -1
+        admission.pending = False
+        refusal = self._refusal(key, int(verdict), int(failing), int(retry_ms))
+        if refusal is not None:
+            admission.refusal = refusal
+            raise refusal
+        if lease:
+            admission.lease = lease
+            self._leases[lease] = lease_key(tenant)
+        return int(pushed)
 
-    def _script_args(self, tenant: str, key: ApiKey, lease: str, now: float) -> list[Any]:
-        """The admission script's keys and arguments (``protocol.admission_script``)."""
+    def _script_args(
+        self, tenant: str, key: ApiKey, lease: str, now: float
+    ) -> tuple[list[Any], list[Any]]:
+        """The admission's keys (before the job's list) and arguments (after the message
+        and the depth), as ``protocol.admitted_enqueue_script`` takes them."""
         most = -1 if key.max_concurrent is None else key.max_concurrent
         budget = -1 if key.tokens_per_day is None else key.tokens_per_day
         ttl = self._lease_ttl
         keys = [lease_key(tenant), budget_key(tenant, usage.today(now)), rate_key(tenant)]
         args = [now, lease, now + ttl, most, budget, math.ceil(2 * ttl)]
         if key.rpm is None:
-            return [*keys, *args, 0]
-        return [*keys, *args, 1, int(now * 1000), 1, *self._gcra_args(key.rpm)]
+            return keys, [*args, 0]
+        return keys, [*args, 1, int(now * 1000), 1, *self._gcra_args(key.rpm)]
 
     def _gcra_args(self, rpm: int) -> list[Any]:
         """GCRA's arguments after now and weight: the state's TTL (ms), as pyrate-limiter's
