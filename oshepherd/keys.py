@@ -8,9 +8,9 @@ transaction; each API replica polls it and reloads its table (``oshepherd.api.au
 ids of the keys are the fleet's tenants (``protocol.TENANTS``), which the workers read.
 
 Bad input (a scope that is not one, a priority that is not a level, a limit that is not a
-positive integer, a CIDR or a model glob that does not parse) raises ``InvalidKey``, whose
-message names the field; an id or name that matches no key, or a name shared by several,
-raises ``UnknownKey``.
+positive integer up to ``LIMIT_MAX``, a CIDR or a model glob that does not parse) raises
+``InvalidKey``, whose message names the field; an id or name that matches no key, or a name
+shared by several, raises ``UnknownKey``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from oshepherd.protocol import KEYS, KEYS_VERSION, TENANTS
 __all__ = [
     "LEVELS",
     "LIMITS",
+    "LIMIT_MAX",
     "SCOPES",
     "SECRET_PREFIX",
     "ApiKey",
@@ -53,6 +54,7 @@ SECRET_PREFIX = "osk-"
 SCOPES = ("user", "admin")
 LEVELS = ("high", "normal", "low")  # highest first
 LIMITS = ("max_concurrent", "rpm", "tokens_per_day")
+LIMIT_MAX = 2**53 - 1  # a limit's largest value: exact in JSON and in Redis's Lua numbers
 ID_BYTES = 6  # 12 hex digits
 NAME_MAX = 100
 # token_urlsafe(32): 43 characters of the URL-safe base64 alphabet.
@@ -199,8 +201,10 @@ def _choice(options: tuple[str, ...]) -> Any:
 def _limit(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidKey(f"invalid value for '{name}': {value!r} is not a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LIMIT_MAX:
+        raise InvalidKey(
+            f"invalid value for '{name}': {value!r} is not a positive integer up to {LIMIT_MAX}"
+        )
     return value
 
 

@@ -12,7 +12,15 @@ import pytest
 
 from oshepherd.api.auth import Authenticate, Caller, KeyTable, caller, check_model
 from oshepherd.api.errors import Forbidden, error_body
-from oshepherd.keys import ApiKey, InvalidKey, checked, digest, looks_like_secret, parse_table
+from oshepherd.keys import (
+    LIMIT_MAX,
+    ApiKey,
+    InvalidKey,
+    checked,
+    digest,
+    looks_like_secret,
+    parse_table,
+)
 
 SECRET = "osk-" + "a" * 43
 ADMIN_SECRET = "osk-" + "b" * 43
@@ -42,6 +50,15 @@ def test_checked_normalizes_and_refuses_bad_fields() -> None:
     for bad in bad_fields:
         with pytest.raises(InvalidKey):
             checked(bad)
+
+
+def test_a_limit_too_large_to_store_is_refused() -> None:
+    # The CLI's `--rpm 99999999999999999999` was a TypeError from orjson (past 64 bits).
+    for name in ("max_concurrent", "rpm", "tokens_per_day"):
+        with pytest.raises(InvalidKey, match=f"'{name}'"):
+            checked({name: 10**20})
+        key = ApiKey("k1", "n", **checked({name: LIMIT_MAX}))
+        assert ApiKey.from_json(key.to_json()) == key
 
 
 def test_the_message_names_the_field() -> None:
