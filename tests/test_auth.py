@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,6 +196,44 @@ def test_admin_routes_and_revocation_on_two_replicas(
     wait_until(lambda: _tags(second.url, secret).status_code == 401, 1.0, "revoked on replica 2")
     assert _tags(fleet.url, secret).status_code == 401
     assert time.monotonic() - start < 1.0
+
+
+def test_a_request_queued_when_its_key_is_revoked_is_a_401(
+    fleet: Fleet, keys: Keys, admin: str
+) -> None:
+    """The worker's 4 slots busy, a fifth request waits in its key's queue; revoked, that
+    key's running requests finish, the waiting one is a 401 within a few seconds (it was a
+    503 'no healthy worker has model' with Retry-After, 10 s later)."""
+    secret = keys.create(name="revoked-while-queued")
+    _wait_known(fleet.url, secret)
+    host = fleet.standins[0]
+    host.latency = 2.0
+    answers: list[httpx.Response] = []
+
+    def generate() -> None:
+        body = {"model": "llama3", "prompt": "hi", "stream": False}
+        headers = {"x-api-key": secret}
+        url = fleet.url + "/api/generate"
+        answers.append(httpx.post(url, json=body, headers=headers, timeout=30))
+
+    threads = [threading.Thread(target=generate) for _ in range(5)]
+    try:
+        for thread in threads:
+            thread.start()
+        host.wait_for(lambda h: h.active == 4, timeout=10)
+        with redis.Redis.from_url(keys.url) as client:
+            KeyStore(client).revoke("revoked-while-queued")
+        start = time.monotonic()
+        refused = lambda: [a for a in answers if a.status_code != 200]  # noqa: E731
+        wait_until(lambda: bool(refused()), 5, "the queued request answered")
+        assert time.monotonic() - start < 4.0
+        assert refused()[0].status_code == 401, refused()[0].text
+        assert refused()[0].json()["code"] == "invalid_api_key"
+        for thread in threads:
+            thread.join(timeout=10)
+        assert sorted(a.status_code for a in answers) == [200, 200, 200, 200, 401]
+    finally:
+        host.latency = 0.0
 
 
 def test_cli_prints_the_key_alone_on_its_last_line(fleet: Fleet, tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ def stream(
         alive=fleet.alive,
         supersede=fleet.supersede,
         takers=fleet.takers,
+        revoked=lambda job: False,
         queue_timeout=deadline,
         stall_timeout=stall,
         orphaned_after=0.5,

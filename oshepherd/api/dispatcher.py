@@ -68,6 +68,7 @@ class Dispatcher:
             alive=registry.alive,
             supersede=self._supersede,
             takers=self._takers,
+            revoked=self._revoked,
             queue_timeout=settings.queue_timeout,
             stall_timeout=settings.stall_timeout,
         )
@@ -230,12 +231,16 @@ class Dispatcher:
         """Whether a live worker could take ``job``: one holding its model, or its target.
         None could for a tenant that no longer exists (its key revoked): the workers stop
         consuming its queues."""
-        if job.tenant and job.tenant not in self._registry.tenants:
+        if self._revoked(job):
             return False
         target = queue_worker(job.queue)
         if target is not None:
             return self._registry.alive(target)
         return any(self._registry.alive(w.id) for w in self._registry.holders(job.model))
+
+    def _revoked(self, job: Job) -> bool:
+        """Whether ``job``'s tenant (its key) no longer exists."""
+        return bool(job.tenant) and job.tenant not in self._registry.tenants
 
     async def _supersede(self, job: Job, message: bytes) -> bool:
         """Forbid ``job``'s attempt to start if it has left its queue without starting

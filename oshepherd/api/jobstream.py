@@ -18,6 +18,7 @@ from oshepherd.api.errors import (
     NoHealthyWorker,
     QueueTimeout,
     RedisUnavailable,
+    Unauthorized,
     Unavailable,
 )
 from oshepherd.api.inbox import LOST, Inbox
@@ -42,6 +43,7 @@ __all__ = [
     "LIVENESS_TICK",
     "LOST_AFTER",
     "ORPHANED_AFTER",
+    "REVOKED_AFTER",
     "Cancel",
     "JobStream",
     "Liveness",
@@ -57,6 +59,10 @@ LOST_AFTER = 3.0
 # A waiting job no live worker can take (every holder of its model, or its one target, is
 # gone) this long (seconds) fails: longer than a worker's restart, shorter than forever.
 ORPHANED_AFTER = 10.0
+# A waiting job whose key was revoked (its tenant gone) this long (seconds) fails with a 401:
+# seen on two looks at least a second apart, so never on a view of the tenants older than
+# the key (the registry is refreshed every second).
+REVOKED_AFTER = 0.5
 
 # Make sure ``job`` never runs (on), or with ``before`` only its attempts before that one.
 Cancel = Callable[[Job, bytes, int], Awaitable[None]]
@@ -75,7 +81,8 @@ class Liveness:
     before it could start it: ``supersede`` makes sure, atomically with the worker's start
     script, that this attempt never starts, and says whether it did so. A job that no live
     worker could take (``takers``) for ``orphaned_after`` seconds fails with a 503: with no
-    queue deadline it would otherwise wait forever.
+    queue deadline it would otherwise wait forever; one whose key was revoked (``revoked``)
+    fails with a 401 after ``REVOKED_AFTER``.
     Running: its worker's registry entry expired (the worker died), or no frame, not even
     a ``Ping``, came for ``stall_timeout`` seconds.
     A lost job is a retryable ``Error``: it never reached Ollama, or is no longer running.
@@ -87,6 +94,7 @@ class Liveness:
         alive: Callable[[str], bool],
         supersede: Callable[[Job, bytes], Awaitable[bool]],
         takers: Callable[[Job], bool],
+        revoked: Callable[[Job], bool],
         queue_timeout: float | None,
         stall_timeout: float,
         orphaned_after: float = ORPHANED_AFTER,
@@ -94,6 +102,7 @@ class Liveness:
         self._alive = alive
         self._supersede = supersede
         self.takers = takers
+        self._revoked = revoked
         self._queue_timeout = queue_timeout
         self._stall_timeout = stall_timeout
         self._orphaned_after = orphaned_after
@@ -102,9 +111,14 @@ class Liveness:
         self, job: Job, message: bytes, waited: float, orphaned: float
     ) -> Error | None:
         """A job not started after ``waited`` seconds in its queue, ``orphaned`` of them
-        with no live worker to take it; raises ``QueueTimeout`` and ``Unavailable``."""
+        with no live worker to take it; raises ``QueueTimeout``, ``Unauthorized`` and
+        ``Unavailable``."""
         if self._queue_timeout is not None and job.expired():
             raise QueueTimeout(self._queue_timeout)
+        if orphaned > REVOKED_AFTER and self._revoked(job):
+            raise Unauthorized(
+                "the API key of this request was revoked while it waited", code="invalid_api_key"
+            )
         if orphaned > self._orphaned_after:
             target = queue_worker(job.queue)
             raise (
