@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -167,6 +168,12 @@ def test_tokens_land_in_usage_and_exhaust_the_budget(
             model="llama3", messages=[{"role": "user", "content": PROMPT}]
         )
     assert refused.value.code == "token_budget_exhausted"
+    # The Anthropic SDK sleeps for any Retry-After (here hours) before its retries, unless
+    # told not to retry (x-should-retry: false); with its default retries it must fail now.
+    claude = anthropic.Anthropic(base_url=fleet.url, api_key=secret, timeout=10)
+    with claude, pytest.raises(anthropic.RateLimitError) as exhausted:
+        claude.messages.create(model="llama3", max_tokens=9, messages=MESSAGES)  # type: ignore[arg-type]
+    assert exhausted.value.body["error"]["code"] == "token_budget_exhausted"  # type: ignore[index]
 
     env_file = tmp_path / "api.env"
     env_file.write_text(f"CELERY_BROKER_URL={fleet.stack.redis_url}\n")

@@ -135,10 +135,13 @@ class Forbidden(ApiError):
 
 class TooManyRequests(ApiError):
     """429: past one of the key's limits (``oshepherd.api.limits``); ``code`` says which:
-    ``rate_limited``, ``concurrency_limited`` or ``token_budget_exhausted``."""
+    ``rate_limited``, ``concurrency_limited`` or ``token_budget_exhausted``. ``retry``
+    False adds ``x-should-retry: false``, which the OpenAI and Anthropic SDKs obey (the
+    Anthropic SDK otherwise sleeps for any ``Retry-After``, hours to the next UTC day)."""
 
-    def __init__(self, message: str, *, code: str, retry_after: int) -> None:
+    def __init__(self, message: str, *, code: str, retry_after: int, retry: bool = True) -> None:
         super().__init__(429, message, retry_after=retry_after, code=code)
+        self.retry = retry
 
 
 class ContentTooLarge(ApiError):
@@ -238,7 +241,9 @@ def json_response(
 
 def error_response(path: str, exc: ApiError) -> Response:
     """``exc`` as the response a client of ``path``'s surface expects."""
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    if isinstance(exc, TooManyRequests) and not exc.retry:
+        headers["x-should-retry"] = "false"
     return _respond(path, exc.status, exc.message, headers, exc.code)
 
 

@@ -225,6 +225,7 @@ class Limiter:
                 f"this API key has used its {key.tokens_per_day} tokens for today (UTC)",
                 code="token_budget_exhausted",
                 retry_after=max(1, math.ceil(midnight - now)),
+                retry=False,
             )
         if verdict == TOO_MANY:
             return TooManyRequests(
