@@ -10,6 +10,8 @@ cannot be reached, refuses the key or is no oshepherd is one line on stderr and 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ FLEET_PATH = "/oshepherd/v1/fleet"
 TIMEOUT = 10.0  # seconds for a status answer, or between two lines of pull progress
 TABLE_WIDTH = 200  # columns when the output is not a terminal
 LEVELS = ("high", "normal", "low")  # the queues' priorities, highest first
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what ends `status --watch`
 
 URL = click.option(
     "--url",
@@ -117,18 +120,22 @@ def status(url: str, key: str | None, watch: float | None, as_json: bool) -> Non
         if watch is None:
             console.print(render(fleet, url))
             return
-        with Live(render(fleet, url), console=console, auto_refresh=False) as live:
-            try:
-                while True:
-                    time.sleep(watch)
+        # Ctrl-C (or SIGTERM) ends the watch between two refreshes, never inside one; and
+        # even when the shell started this command with SIGINT ignored.
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+        try:
+            with Live(render(fleet, url), console=console, auto_refresh=False) as live:
+                while not stop.wait(watch):
                     view: Group | Text
                     try:
                         view = render(fetch_fleet(client, url), url)
                     except GatewayError as exc:  # keep watching: it may come back
                         view = Text(f"{exc.message} (retrying every {watch:g}s)", style="red")
                     live.update(view, refresh=True)
-            except KeyboardInterrupt:
-                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _console() -> rich.console.Console:

@@ -134,11 +134,21 @@ def test_pull_names_the_host_that_failed_and_exits_1(fleet: Fleet) -> None:
 
 def test_status_watch_refreshes_until_ctrl_c(fleet: Fleet) -> None:
     command = [sys.executable, "-m", "oshepherd", "status", "--watch", "0.2", "--url", fleet.url]
+    before = fleet_reads(fleet)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as watch:
-        try:
-            watch.communicate(timeout=3)
-        except subprocess.TimeoutExpired:
-            watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=5)
+        # It refreshed at least twice (its first read and one of the watch's): it is watching.
+        wait_until(lambda: fleet_reads(fleet) >= before + 2, 20, "status --watch refreshing")
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=10)
     assert watch.returncode == 0, err
     assert b"2 worker(s)" in out and b"alpha" in out
+
+
+def fleet_reads(fleet: Fleet) -> float:
+    """How many GET /oshepherd/v1/fleet the API has answered (its /metrics)."""
+    text = httpx.get(fleet.url + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("oshepherd_requests_total{") and 'route="/oshepherd/v1/fleet"' in line
+    )
