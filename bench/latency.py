@@ -116,7 +116,31 @@ def _requests_per_second(fleet: Fleet, direct: str, profile: Profile) -> list[Ro
     """c. Tiny non-streaming requests per second at concurrency 32."""
     make = _generate(TINY, TINY_TOKENS, False)
     runs = measure(_paths(fleet, direct), make, 32, seconds=profile.seconds, cpu=fleet.pids())
-    return [_rate_row("c", "tiny requests/s c=32", "req/s", runs, profile, "request")]
+    rate = _rate_row("c", "tiny requests/s c=32", "req/s", runs, profile, "request")
+    return [rate, *_cpu_rows(runs["gateway"][0])]
+
+
+# The process roles of a gateway run, as they are named in the report.
+ROLES = {"api": "API", "worker": "worker", "redis": "Redis"}
+API_CPU_TARGET = 0.6  # ms of the API's CPU per tiny request (issue 12)
+
+
+def _cpu_rows(run: Run) -> list[Row]:
+    """c. CPU milliseconds each gateway process (the API, the worker, Redis) spent per good
+    request of ``run``: process CPU time (user + system, psutil) over the run's duration,
+    warm-up included, divided by the requests it answered."""
+    requests = max(len(run.ok), 1)
+    return [
+        Row(
+            "c",
+            f"CPU per tiny request c=32: {label}",
+            "ms",
+            None,
+            run.cpu.get(role, 0.0) * 1e3 / requests,
+            target=Target("<=", API_CPU_TARGET, "gateway") if role == "api" else None,
+        )
+        for role, label in ROLES.items()
+    ]
 
 
 def _lines_per_second(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
