@@ -14,6 +14,7 @@ from oshepherd.api.errors import JobFailed, NoHealthyWorker, QueueTimeout, Redis
 from oshepherd.api.inbox import LOST, Inbox, Inboxes
 from oshepherd.api.jobstream import LIVENESS_TICK, JobStream, Liveness
 from oshepherd.protocol import CANCEL_ALL, Data, End, Error, Frame, Head, Job, Ping, Start
+from oshepherd.usage import Usage
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
@@ -218,3 +219,23 @@ async def test_a_worker_that_comes_back_in_time_keeps_the_job_waiting() -> None:
     with anyio.move_on_after(2 * LIVENESS_TICK) as still_waiting:
         await jobs.head()
     assert still_waiting.cancelled_caught
+
+
+async def test_a_client_gone_at_the_end_still_counts_the_answers_tokens() -> None:
+    """An SDK hangs up on an OpenAI stream's [DONE]: the End with the tokens comes after."""
+    fleet = Fleet()
+    jobs, inbox = stream(fleet)
+    used = Usage()
+    counted = JobStream(
+        jobs.job, b"message-0", inbox, liveness=jobs._liveness, cancel=fleet.cancel,
+        rerun=fleet.rerun, usage=used,
+    )  # fmt: skip
+    feed(inbox, Start(seq=0, attempt=0, worker="w1"), head(seq=1))
+    await counted.head()
+    end = End(seq=2, attempt=0, body=b"data: [DONE]\n\n", prompt_tokens=5, completion_tokens=7)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(counted.close)  # the client is gone
+        await anyio.sleep(0.05)
+        feed(inbox, end)
+    assert used.models == {"m:latest": [5, 7]}
+    assert fleet.cancels == [(CANCEL_ALL, b"message-0")]

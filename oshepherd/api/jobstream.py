@@ -63,6 +63,8 @@ ORPHANED_AFTER = 10.0
 # seen on two looks at least a second apart, so never on a view of the tenants older than
 # the key (the registry is refreshed every second).
 REVOKED_AFTER = 0.5
+# Seconds a stream whose client left keeps listening for its job's End, for the tokens.
+END_GRACE = 0.5
 
 # Make sure ``job`` never runs (on), or with ``before`` only its attempts before that one.
 Cancel = Callable[[Job, bytes, int], Awaitable[None]]
@@ -190,10 +192,39 @@ class JobStream:
         self.worker: str | None = None
 
     async def close(self) -> None:
-        """Stop following the job; unless it ended well, make sure it stops."""
-        self._inbox.close()
+        """Stop following the job; unless it ended well, make sure it stops (and count the
+        tokens of an answer its client left at the very end of: ``_last_tokens``)."""
         if not self._finished:
             await self._cancel(self.job, self._message, CANCEL_ALL)
+            if self._usage is not None and self.worker is not None:
+                await self._last_tokens()
+        self._inbox.close()
+
+    async def _last_tokens(self) -> None:
+        """Wait up to ``END_GRACE`` seconds for the job's ``End``, and count its tokens.
+
+        An SDK closes the connection as soon as it reads an OpenAI stream's ``[DONE]``,
+        which can be before the ``End`` frame carrying the answer's tokens arrives: without
+        this, that request's tokens would escape the key's budget. A job cancelled mid-way
+        sends no ``End``: the wait ends at the deadline or at its ``Error``.
+        """
+        assert self._usage is not None
+        deadline = time.monotonic() + END_GRACE
+        while (left := deadline - time.monotonic()) > 0:
+            raw = await self._inbox.get(left)
+            if raw is None or raw == LOST:
+                return
+            try:
+                frame = decode_frame(raw)
+            except ProtocolError:
+                return
+            if frame.attempt != self.job.attempt:
+                continue
+            if isinstance(frame, End):
+                self._usage.add(self.job.model, frame.prompt_tokens, frame.completion_tokens)
+                return
+            if isinstance(frame, Error):
+                return
 
     async def head(self) -> Head:
         """Ollama's status, content type and first lines (the whole body if ``last``)."""
