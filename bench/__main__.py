@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import blobs, keys, latency, metrics, report, scale, scheduling, soak
+from bench import blobs, fleetsize, keys, latency, metrics, report, scale, scheduling, soak
 from bench.fleet import Lab, raise_open_file_limit
 from bench.harness import DEFAULT, QUICK, Profile
 from bench.report import Row
@@ -31,6 +31,7 @@ GROUPS: list[tuple[frozenset[str], Group]] = [
     (frozenset({"keys"}), lambda lab, profile, wanted: keys.keys_overhead(lab, profile)),
     (frozenset({"metrics"}), lambda lab, profile, wanted: metrics.metrics_overhead(lab, profile)),
     (frozenset({"scrape"}), lambda lab, profile, wanted: metrics.scrape(lab, profile)),
+    (frozenset({"fleet100"}), lambda lab, profile, wanted: fleetsize.fleet100(lab, profile)),
 ]
 FIGURES = [f for figures, _ in GROUPS for f in sorted(figures)]
 

@@ -37,15 +37,26 @@ class Lab:
     def __init__(self, log_file: IO[bytes]) -> None:
         self._log = log_file
         self._redis = EmbeddedRedis()
+        self._separate: list[EmbeddedRedis] = []
 
     def __enter__(self) -> Self:
         self._redis.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for server in self._separate:
+            server.close()
         self._redis.close()
 
     def fleet(self) -> Fleet:
         """A new fleet on a freshly emptied database, with the bench's settings."""
         database = fresh_database(self._redis)
         return Fleet(database, self._log, api=API_SETTINGS, worker=WORKER_SETTINGS)
+
+    def separate_fleet(self) -> Fleet:
+        """A new fleet on a Redis of its own (closed with the lab): its commands and CPU
+        are the fleet's alone."""
+        server = EmbeddedRedis()
+        self._separate.append(server)
+        server.start()
+        return Fleet(server.url, self._log, api=API_SETTINGS, worker=WORKER_SETTINGS)
