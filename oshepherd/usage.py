@@ -11,6 +11,8 @@ them back (``read``).
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,20 +69,25 @@ class Usage:
         return sum(p + c for p, c in self.models.values())
 
 
-def record(pipe: Pipeline, tenant: str, usage: Usage, day: str) -> None:
-    """Queue on ``pipe`` the writes that add ``usage`` to ``tenant``'s ``day``, and to the
-    fleet's throughput bucket of now (``protocol.throughput_key``)."""
-    if not usage.models:
-        return
+def record(pipe: Pipeline, used: Iterable[tuple[str, Usage]], day: str) -> None:
+    """Queue on ``pipe`` the writes that add each ``(tenant, usage)`` of ``used`` (one per
+    request) to the tenant's ``day``, and to the fleet's throughput bucket of now
+    (``protocol.throughput_key``): one HINCRBY per field, however many requests."""
     key = usage_key(day)
     rate = throughput_key(int(time.time()) // THROUGHPUT_BUCKET)
-    for model, (prompt, completion) in usage.models.items():
-        for hash_key, prefix in ((key, f"{tenant}|{model}|"), (rate, f"{model}|")):
-            pipe.hincrby(hash_key, prefix + "requests", 1)
-            if prompt:
-                pipe.hincrby(hash_key, prefix + "prompt", prompt)
-            if completion:
-                pipe.hincrby(hash_key, prefix + "completion", completion)
+    totals: Counter[tuple[str, str]] = Counter()  # (hash, field) -> amount
+    for tenant, usage in used:
+        for model, (prompt, completion) in usage.models.items():
+            for hash_key, prefix in ((key, f"{tenant}|{model}|"), (rate, f"{model}|")):
+                totals[hash_key, prefix + "requests"] += 1
+                if prompt:
+                    totals[hash_key, prefix + "prompt"] += prompt
+                if completion:
+                    totals[hash_key, prefix + "completion"] += completion
+    if not totals:
+        return
+    for (hash_key, name), amount in totals.items():
+        pipe.hincrby(hash_key, name, amount)
     pipe.expire(key, USAGE_TTL)
     pipe.expire(rate, THROUGHPUT_TTL)
 

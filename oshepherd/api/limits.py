@@ -34,6 +34,7 @@ import itertools
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +127,8 @@ class Limiter:
         self._prefix = new_id()[:12] + ":"
         self._sha: str | None = None  # _SCRIPT's, once loaded
         self._rates: dict[int, list[Any]] = {}  # rpm -> GCRA's arguments after the header
-        self._writes: set[asyncio.Task[None]] = set()
+        self._finished: list[Admission] = []  # requests whose lease and usage await writing
+        self._writer: asyncio.Task[None] | None = None  # writing them
         self._renewing: asyncio.Task[None] | None = None
 
     def start(self, redis: Redis) -> None:
@@ -138,8 +140,8 @@ class Limiter:
         if self._renewing is not None:
             self._renewing.cancel()
             await asyncio.gather(self._renewing, return_exceptions=True)
-        if self._writes:
-            await asyncio.wait(self._writes, timeout=1.0)
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=1.0)
 
     @staticmethod
     def applies(method: str, path: str) -> bool:
@@ -252,25 +254,42 @@ class Limiter:
             self._leases.pop(admission.lease, None)
         if not admission.lease and not admission.usage.models:
             return
-        task = asyncio.create_task(self._write(admission))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._finished.append(admission)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
 
-    async def _write(self, admission: Admission) -> None:
+    async def _write_all(self) -> None:
+        """Write what finished requests leave (leases to release, usage to record) until
+        none is left, one pipeline at a time: the requests that finish while one is written
+        go together into the next, so a busy API makes one round trip for many requests,
+        and an idle one writes at once."""
+        try:
+            while self._finished:
+                batch, self._finished = self._finished, []
+                await self._write(batch)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[Admission]) -> None:
         assert self._redis is not None
-        tenant, key, used = admission.tenant, admission.key, admission.usage
         day = usage.today()
+        budgets: Counter[str] = Counter()  # tenant -> tokens to count against its budget
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                if admission.lease:
-                    pipe.zrem(lease_key(tenant), admission.lease)
-                if key is not None and key.tokens_per_day is not None and used.tokens:
-                    pipe.incrby(budget_key(tenant, day), used.tokens)
+                for admission in batch:
+                    if admission.lease:
+                        pipe.zrem(lease_key(admission.tenant), admission.lease)
+                    key, tokens = admission.key, admission.usage.tokens
+                    if key is not None and key.tokens_per_day is not None and tokens:
+                        budgets[admission.tenant] += tokens
+                for tenant, tokens in budgets.items():
+                    pipe.incrby(budget_key(tenant, day), tokens)
                     pipe.expire(budget_key(tenant, day), BUDGET_TTL)
-                usage.record(pipe, tenant, used, day)
+                usage.record(pipe, ((a.tenant, a.usage) for a in batch), day)
                 await pipe.execute()
         except RedisError as exc:
-            log.warning("could not record the usage of key %r: %r", tenant, exc)
+            tenants = sorted({a.tenant for a in batch})
+            log.warning("could not record the usage of keys %r: %r", tenants, exc)
 
     async def _renew_forever(self) -> None:
         """Every third of ``lease_ttl``, push back the expiry of this process's leases."""
