@@ -24,7 +24,7 @@ import rich.table
 from oshepherd import logs, remote, usage
 from oshepherd.acl import aclfile_line, quote, setuser_command
 from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
-from oshepherd.connections import async_redis
+from oshepherd.connections import async_redis, sync_redis
 from oshepherd.keys import ApiKey, InvalidKey, KeyStore, UnknownKey, public
 from oshepherd.stack import Stack, StartError
 
@@ -198,7 +198,7 @@ def _key_store(env_file: Path | None, redis_url: str | None) -> Iterator[KeyStor
     click's (a bad field is a usage error)."""
     settings: ApiSettings = _settings(ApiSettings, env_file, celery_broker_url=redis_url)
     try:
-        with redis.Redis.from_url(settings.redis, socket_connect_timeout=5) as client:
+        with sync_redis(settings.redis, socket_connect_timeout=5) as client:
             yield KeyStore(client)
     except InvalidKey as exc:
         raise click.UsageError(str(exc)) from exc

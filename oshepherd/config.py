@@ -9,7 +9,10 @@ import time.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -20,7 +23,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from oshepherd.keys import parse_networks
 from oshepherd.logs import LogFormat
 
-__all__ = ["ApiSettings", "CommonSettings", "WorkerSettings", "env_names", "load", "redacted"]
+__all__ = [
+    "ApiSettings",
+    "CommonSettings",
+    "SentinelUrl",
+    "WorkerSettings",
+    "env_names",
+    "load",
+    "redacted",
+    "sentinel_url",
+]
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 MiB = 1024 * 1024
@@ -44,8 +56,11 @@ class CommonSettings(BaseSettings):
     @field_validator("celery_broker_url", "redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if value is None:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            raise ValueError("must be a redis://, rediss://, unix:// or sentinel:// URL")
+        sentinel_url(value)  # a sentinel:// URL's errors, at start-up
         return value
 
     @field_validator("loglevel")
@@ -177,8 +192,113 @@ def _field_env_names(prefix: str, name: str, field: FieldInfo) -> list[str]:
     return [prefix + name]
 
 
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A Redis managed by Sentinel, as one URL (docs/redis-ha.md)::
+
+        sentinel://[user:password@]host[:port],host[:port],.../db?master=NAME
+            [&sentinel_username=USER][&sentinel_password=PASSWORD]
+
+    ``user:password`` authenticates to the Redis servers (primary and replicas), the
+    ``sentinel_*`` parameters to the sentinels (none by default, as Sentinel's
+    ``requirepass`` is its own); ports default to 26379, the database to 0.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl:
+        """Raises ``ValueError`` naming what is wrong."""
+        scheme, _, rest = url.partition("://")
+        if scheme != "sentinel":
+            raise ValueError("a Sentinel URL starts with sentinel://")
+        rest, _, query = rest.partition("?")
+        rest, _, path = rest.partition("/")
+        userinfo, _, hosts = rest.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False))
+        unknown = set(params) - {"master", "sentinel_username", "sentinel_password"}
+        if unknown:
+            raise ValueError(f"unknown sentinel:// parameter(s): {', '.join(sorted(unknown))}")
+        if not params.get("master"):
+            raise ValueError("a sentinel:// URL needs ?master=NAME (the monitored master)")
+        if not path.strip("/").isdigit() and path.strip("/"):
+            raise ValueError(f"the database of a sentinel:// URL is a number, not {path!r}")
+        unquote = urllib.parse.unquote
+        return cls(
+            sentinels=tuple(_host_port(item) for item in hosts.split(",")),
+            master=params["master"],
+            db=int(path.strip("/") or 0),
+            username=unquote(user) or None,
+            password=unquote(password) or None,
+            sentinel_username=params.get("sentinel_username") or None,
+            sentinel_password=params.get("sentinel_password") or None,
+        )
+
+    @property
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """redis-py's options for the connections to the sentinels themselves."""
+        auth = {"username": self.sentinel_username, "password": self.sentinel_password}
+        return {key: value for key, value in auth.items() if value is not None}
+
+    @property
+    def master_kwargs(self) -> dict[str, Any]:
+        """redis-py's options for the connections to the primary (``master_for``)."""
+        auth = {"username": self.username, "password": self.password, "db": self.db}
+        return {key: value for key, value in auth.items() if value is not None}
+
+    def kombu_url(self) -> str:
+        """kombu's form: ``sentinel://[user:password@]host:port/db;sentinel://host:port/db``
+        (kombu reads the credentials and database of the first)."""
+        quote = urllib.parse.quote
+        auth = ""
+        if self.username or self.password:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
+        return ";".join(
+            f"sentinel://{auth if i == 0 else ''}{_netloc(host)}:{port}/{self.db}"
+            for i, (host, port) in enumerate(self.sentinels)
+        )
+
+    def kombu_options(self) -> dict[str, Any]:
+        """kombu's transport options naming the master and the sentinels' credentials."""
+        options: dict[str, Any] = {"master_name": self.master}
+        if self.sentinel_kwargs:
+            options["sentinel_kwargs"] = self.sentinel_kwargs
+        return options
+
+
+def sentinel_url(url: str) -> SentinelUrl | None:
+    """``url`` parsed if it is a ``sentinel://`` URL, else None; raises ``ValueError``."""
+    return SentinelUrl.parse(url) if url.startswith("sentinel://") else None
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(f"//{item.strip()}")
+    try:
+        port = parts.port or DEFAULT_SENTINEL_PORT
+    except ValueError as exc:
+        raise ValueError(f"bad sentinel address {item!r}: {exc}") from exc
+    if not parts.hostname:
+        raise ValueError(f"bad sentinel address {item!r}: no host")
+    return parts.hostname, port
+
+
+def _netloc(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def redacted(url: str) -> str:
-    """A URL without its password, for logs."""
+    """A URL without its passwords (a sentinel:// URL's ``sentinel_password`` too), for logs."""
+    url = re.sub(r"(sentinel_password=)[^&]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if "@" not in rest:
         return url

@@ -25,6 +25,7 @@ import psutil
 import redis
 
 from oshepherd.config import env_names, redacted
+from oshepherd.connections import sync_redis
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import EmbeddedRedis, free_port
 
@@ -152,7 +153,7 @@ class Stack:
         returns the URL in use. Raises ``StartError``."""
         if self.redis_url:
             try:
-                with redis.Redis.from_url(self.redis_url, socket_connect_timeout=5) as client:
+                with sync_redis(self.redis_url, socket_connect_timeout=5) as client:
                     client.ping()
             except redis.RedisError as exc:
                 where = redacted(self.redis_url)
@@ -192,7 +193,7 @@ class Stack:
         return worker
 
     def _registered(self, worker_id: str) -> bool:
-        with redis.Redis.from_url(self.redis_url) as client:
+        with sync_redis(self.redis_url, socket_connect_timeout=2) as client:
             return bool(client.exists(worker_key(worker_id)))
 
     def _env(self, **settings: Any) -> dict[str, str]:

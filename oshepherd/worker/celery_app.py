@@ -20,9 +20,11 @@ queue cycle moves the queue it took from to the end (round robin among tenants' 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -30,11 +32,11 @@ from celery.signals import worker_shutting_down
 from celery.worker.consumer import Consumer
 from kombu import Queue
 
-from oshepherd.config import VISIBILITY_TIMEOUT, WorkerSettings
+from oshepherd.config import VISIBILITY_TIMEOUT, WorkerSettings, sentinel_url
 from oshepherd.protocol import PRIORITY_STEPS, TASK_NAME, worker_queue
 from oshepherd.worker.runtime import WorkerRuntime
 
-__all__ = ["make_app", "run_worker"]
+__all__ = ["broker", "make_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,36 @@ def broker_tls(url: str) -> dict[str, Any] | None:
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
-    app = Celery(
-        "oshepherd", broker=settings.celery_broker_url, backend=settings.celery_backend_url
+def broker(url: str) -> tuple[str, str, dict[str, Any]]:
+    """kombu's broker URL, transport class and transport options for ``url``: a
+    ``sentinel://`` URL (``config.SentinelUrl``) becomes kombu's own form of it, the
+    Sentinel transport, and the master's name and sentinels' credentials."""
+    options: dict[str, Any] = {
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "priority_steps": list(PRIORITY_STEPS),
+    }
+    target = sentinel_url(url)
+    if target is None:
+        return url, "oshepherd.worker.transport:Transport", options
+    return (
+        target.kombu_url(),
+        "oshepherd.worker.transport:SentinelTransport",
+        {**options, **target.kombu_options()},
     )
+
+
+def stay(alternates: list[str]) -> Iterator[str | None]:
+    """The broker's failover strategy: on a lost connection, stay on the first URL's host.
+    A sentinel:// broker lists every sentinel as an alternate URL; kombu's Sentinel
+    channel asks each of them for the primary whichever is current, and a switch to
+    another would replace this module's transport with kombu's own (``Connection.switch``
+    takes the transport from the URL's scheme). A host alone keeps it."""
+    return itertools.repeat(urllib.parse.urlsplit(alternates[0]).hostname)
+
+
+def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
+    url, transport, transport_options = broker(settings.celery_broker_url)
+    app = Celery("oshepherd", broker=url, backend=settings.celery_backend_url)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -66,7 +94,12 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         result_accept_content=["json"],
         task_ignore_result=True,
         task_acks_late=True,
-        broker_transport="oshepherd.worker.transport:Transport",
+        # Celery prefers the environment's CELERY_BROKER_URL to its broker setting; these
+        # win over it, so the worker uses kombu's form of a sentinel:// URL.
+        broker_read_url=url,
+        broker_write_url=url,
+        broker_transport=transport,
+        broker_failover_strategy=stay,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_enable_remote_control=False,
@@ -75,10 +108,7 @@ def make_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_use_ssl=broker_tls(settings.celery_broker_url),
-        broker_transport_options={
-            "visibility_timeout": VISIBILITY_TIMEOUT,
-            "priority_steps": list(PRIORITY_STEPS),
-        },
+        broker_transport_options=transport_options,
         task_default_queue=worker_queue(settings.worker_id),
         task_queues=[Queue(worker_queue(settings.worker_id), no_ack=True)],
     )

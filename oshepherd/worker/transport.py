@@ -10,13 +10,16 @@ messages to restore; everything else is kombu's own behaviour.
 Its BRPOP also waits less (``brpop_timeout``): a queue the worker starts to follow (a cold
 model's that became due, a new tenant's) joins the next BRPOP, which an idle worker sends
 this often (kombu's default: every second).
+
+``SentinelTransport`` is the same for a Redis managed by Sentinel (a ``sentinel://``
+broker URL, docs/redis-ha.md): kombu's Sentinel transport with these changes.
 """
 
 from __future__ import annotations
 
 from kombu.transport import redis
 
-__all__ = ["Transport"]
+__all__ = ["SentinelTransport", "Transport"]
 
 
 class QoS(redis.QoS):
@@ -47,3 +50,13 @@ class Transport(redis.Transport):
         if queue and queue not in callbacks and callbacks:
             queue = next(iter(callbacks))
         super()._deliver(message, queue)
+
+
+class SentinelChannel(Channel, redis.SentinelChannel):
+    """kombu's Sentinel channel (it asks the sentinels for the primary), with ``QoS``."""
+
+
+class SentinelTransport(Transport, redis.SentinelTransport):
+    """``Transport``'s acks, BRPOP wait and delivery over kombu's Sentinel transport."""
+
+    Channel = SentinelChannel

@@ -39,6 +39,7 @@ from oshepherd.api.errors import (
     json_response,
 )
 from oshepherd.api.gateway import gateway
+from oshepherd.connections import sync_redis
 from oshepherd.keys import InvalidKey, KeyStore, UnknownKey, public
 
 __all__ = ["router"]
@@ -96,5 +97,5 @@ async def _store(request: Request, action: Callable[[KeyStore], T]) -> T:
 
 
 def _run(url: str, action: Callable[[KeyStore], Any]) -> Any:
-    with redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5) as client:
+    with sync_redis(url, socket_connect_timeout=2, socket_timeout=5) as client:
         return action(KeyStore(client))
