@@ -30,6 +30,7 @@ lease and writes the request's usage (``oshepherd.usage``) after the response, o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -77,6 +78,7 @@ INFERENCE_PATHS = frozenset(
 )
 ADMITTED, OVER_BUDGET, TOO_MANY = 0, 1, 2  # ADMIT_SCRIPT's answers
 CONCURRENCY_RETRY = 1  # seconds: when a running request may have ended
+WRITE_EVERY = 0.05  # seconds: under load, usage is written at most this often
 _GCRA = GCRA()
 _SCRIPT = admitted_enqueue_script(_GCRA.redis_script() or "")
 
@@ -129,6 +131,7 @@ class Limiter:
         self._rates: dict[int, list[Any]] = {}  # rpm -> GCRA's arguments after the header
         self._finished: list[Admission] = []  # requests whose lease and usage await writing
         self._writer: asyncio.Task[None] | None = None  # writing them
+        self._lease_ended = asyncio.Event()  # since the last write began
         self._renewing: asyncio.Task[None] | None = None
 
     def start(self, redis: Redis) -> None:
@@ -255,18 +258,26 @@ class Limiter:
         if not admission.lease and not admission.usage.models:
             return
         self._finished.append(admission)
+        if admission.lease:
+            self._lease_ended.set()  # a lease is not held back by WRITE_EVERY
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all())
 
     async def _write_all(self) -> None:
         """Write what finished requests leave (leases to release, usage to record) until
-        none is left, one pipeline at a time: the requests that finish while one is written
-        go together into the next, so a busy API makes one round trip for many requests,
-        and an idle one writes at once."""
+        none is left, one pipeline at a time and, but for a lease to release, at most one
+        every ``WRITE_EVERY`` seconds: the requests that finish meanwhile go together into
+        the next, so a busy API makes one round trip for many requests, and an idle one
+        writes at once."""
         try:
             while self._finished:
                 batch, self._finished = self._finished, []
+                self._lease_ended.clear()
+                paced = asyncio.get_running_loop().time() + WRITE_EVERY
                 await self._write(batch)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(paced):
+                        await self._lease_ended.wait()
         finally:
             self._writer = None
 
