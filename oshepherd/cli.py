@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import socket
 import sys
@@ -50,6 +51,15 @@ def _settings(cls: type[Any], env_file: Path | None, **overrides: Any) -> Any:
         raise click.UsageError(str(exc)) from exc
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity), at least 1."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13
+        return int(os.process_cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @click.group()
 @click.version_option(package_name="oshepherd")
 def main() -> None:
@@ -62,6 +72,12 @@ def main() -> None:
 @click.option("--port", type=int, help="Port to listen on [PORT, default 5001].")
 @click.option("--redis-url", "celery_broker_url", help="Redis URL [CELERY_BROKER_URL].")
 @click.option("--loglevel", help="Log level [LOGLEVEL, default INFO].")
+@click.option(
+    "--workers",
+    "api_processes",
+    type=click.IntRange(1, 256),
+    help="API processes on the port, e.g. one per core [API_PROCESSES, default 1].",
+)
 def start_api(env_file: Path | None, **overrides: Any) -> None:
     """Serve the Ollama API, queueing jobs for the workers."""
     from oshepherd.api.app import serve
@@ -100,12 +116,25 @@ def start_worker(env_file: Path | None, **overrides: Any) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="API interface.")
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Slots per worker.")
 @click.option(
+    "--api-processes",
+    type=click.IntRange(1, 256),
+    envvar="API_PROCESSES",
+    default=cores,
+    show_default="the cores this process may use",
+    help="API processes on the port [API_PROCESSES].",
+)
+@click.option(
     "--redis-url",
     envvar="CELERY_BROKER_URL",
     help="Use this Redis instead of starting an embedded one [CELERY_BROKER_URL].",
 )
 def up(
-    ollama_urls: tuple[str, ...], port: int, host: str, concurrency: int, redis_url: str | None
+    ollama_urls: tuple[str, ...],
+    port: int,
+    host: str,
+    concurrency: int,
+    api_processes: int,
+    redis_url: str | None,
 ) -> None:
     """Run the whole stack here: Redis (embedded unless given), the API, one worker per host.
 
@@ -116,7 +145,14 @@ def up(
     _logging("INFO")
     with Stack(redis_url) as stack:
         try:
-            _start(stack, ollama_urls, host=host, port=port, concurrency=concurrency)
+            _start(
+                stack,
+                ollama_urls,
+                host=host,
+                port=port,
+                concurrency=concurrency,
+                api_processes=api_processes,
+            )
         except StartError as exc:
             raise click.ClickException(f"{exc}; stopped what had started") from exc
         exited = stack.wait()
@@ -127,19 +163,25 @@ def up(
 
 
 def _start(
-    stack: Stack, ollama_urls: tuple[str, ...], *, host: str, port: int, concurrency: int
+    stack: Stack,
+    ollama_urls: tuple[str, ...],
+    *,
+    host: str,
+    port: int,
+    concurrency: int,
+    api_processes: int,
 ) -> None:
     """Start every part of ``stack``; raises ``StartError``."""
     stack.start_redis()
     where = "embedded" if stack.embedded_redis else "external"
     log.info("Redis (%s) at %s", where, redacted(stack.redis_url))
-    api = stack.start_api(host=host, port=port)
+    api = stack.start_api(host=host, port=port, api_processes=api_processes)
     for n, ollama in enumerate(ollama_urls):
         worker = stack.start_worker(
             ollama, worker_id=f"{socket.gethostname()}-w{n}", concurrency=concurrency
         )
         log.info("worker %s serves %s", worker.meta["id"], ollama)
-    log.info("oshepherd is up at %s; Ctrl-C stops it", api.url)
+    log.info("oshepherd is up at %s (API processes: %d); Ctrl-C stops it", api.url, api_processes)
 
 
 class _Limit(click.ParamType):

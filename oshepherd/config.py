@@ -110,6 +110,9 @@ class ApiSettings(CommonSettings):
     # scrape /metrics and /metrics/fleet once API keys exist (besides an admin key).
     metrics: bool = Field(default=True, description="count requests for /metrics")
     metrics_token: str = Field(default="", description="bearer token of /metrics scrapes")
+    # API processes on the one port (start-api --workers; docs/operations.md): each its own
+    # event loop, Pub/Sub connection and view of the fleet. Not the fleet's workers.
+    api_processes: int = Field(default=1, ge=1, le=256, description="API processes (cores)")
 
     @field_validator("queue_timeout", mode="before")
     @classmethod

@@ -29,7 +29,15 @@ from oshepherd.connections import sync_redis
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import EmbeddedRedis, free_port
 
-__all__ = ["Component", "Stack", "StartError", "answers", "listens", "wait_until"]
+__all__ = [
+    "Component",
+    "Stack",
+    "StartError",
+    "answers",
+    "die_with_parent",
+    "listens",
+    "wait_until",
+]
 
 _T = TypeVar("_T")
 # What a component that is still starting, or a Redis coming back, answers: not yet.
@@ -207,7 +215,7 @@ class Stack:
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str], **kw: Any) -> Component:
         command = [sys.executable, "-m", "oshepherd", *args]
         process = subprocess.Popen(
-            command, env=dict(env), stdout=self._log, stderr=self._log, preexec_fn=_die_with_parent
+            command, env=dict(env), stdout=self._log, stderr=self._log, preexec_fn=die_with_parent
         )
         component = Component(name, process, **kw)
         self.components.append(component)
@@ -260,9 +268,10 @@ def _ready(component: Component, ready: Callable[[], object], timeout: float) ->
         raise StartError(f"{component.name} was not ready within {timeout:g}s") from exc
 
 
-def _die_with_parent() -> None:
-    """Linux: a component gets SIGTERM when whoever started it dies, even by SIGKILL, so
-    a killed ``oshepherd up`` or test run leaves no orphans behind."""
+def die_with_parent() -> None:
+    """Linux: a component (or an API process under its supervisor) gets SIGTERM when
+    whoever started it dies, even by SIGKILL, so a killed ``oshepherd up`` or test run
+    leaves no orphans behind."""
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.middleware import Middleware
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
-from oshepherd import __version__
+from oshepherd import __version__, logs
 from oshepherd.api.auth import Authenticate, KeyTable
 from oshepherd.api.coalesce import CoalescingHttpProtocol
 from oshepherd.api.errors import install_handlers
@@ -39,8 +44,9 @@ from oshepherd.api.routes import metrics as metrics_routes
 from oshepherd.api.routes import usage as usage_routes
 from oshepherd.config import ApiSettings
 from oshepherd.keys import parse_networks
+from oshepherd.stack import die_with_parent
 
-__all__ = ["create_app", "protections", "serve"]
+__all__ = ["create_app", "process_app", "protections", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +151,50 @@ def _warn_if_open(settings: ApiSettings, keys: KeyTable) -> None:
 def serve(settings: ApiSettings) -> None:
     """Run the API until SIGINT/SIGTERM; in-flight streams get ``shutdown_grace`` seconds.
 
+    ``API_PROCESSES`` (``start-api --workers``) above 1 runs that many API processes on the
+    one port through uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``, as
+    ``uvicorn --workers``): it binds the socket, spawns the processes, which all accept on
+    it, restarts one that dies, and on SIGINT/SIGTERM sends each SIGTERM and waits for it.
+    Each process builds its own app (``process_app``): its own Gateway, hence its own
+    Pub/Sub connection and reply channels (api id), registry, key table and limiter. With
+    1, one process serves, without a supervisor. Exits 3 when a process fails to start.
+
     The client's address is the socket peer's, or, when the peer is one of
     ``TRUSTED_PROXIES``, the one its ``X-Forwarded-For`` names (uvicorn's proxy headers;
     uvicorn itself would trust 127.0.0.1, so a local client could spoof any address).
     """
     trusted = settings.trusted_proxies
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http=CoalescingHttpProtocol,  # httptools, a system call per loop turn
-        log_level=settings.loglevel.lower(),
-        log_config=None,  # uvicorn's lines go through the root logger (oshepherd.logs)
-        access_log=settings.loglevel == "DEBUG",
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
-        proxy_headers=bool(trusted),
-        forwarded_allow_ips=trusted.split(",") if trusted else [],
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": CoalescingHttpProtocol,  # httptools, a system call per loop turn
+        "log_level": settings.loglevel.lower(),
+        "log_config": None,  # uvicorn's lines go through the root logger (oshepherd.logs)
+        "access_log": settings.loglevel == "DEBUG",
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace),
+        "proxy_headers": bool(trusted),
+        "forwarded_allow_ips": trusted.split(",") if trusted else [],
+    }
+    if settings.api_processes == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    config = uvicorn.Config(
+        functools.partial(process_app, settings),  # pickled to each spawned process
+        factory=True,
+        workers=settings.api_processes,
+        **options,
     )
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        sys.exit(STARTUP_FAILURE)
+
+
+def process_app(settings: ApiSettings) -> FastAPI:
+    """The app of one API process under the supervisor, built in that process: its logging
+    (a spawned process starts without it), and SIGTERM when the supervisor dies (Linux),
+    so that a killed supervisor leaves no process serving on its own."""
+    logs.configure(settings.loglevel, settings.log_format)
+    die_with_parent()
+    return create_app(settings)

@@ -94,7 +94,7 @@ class Dispatcher:
         name = normalize(model)
         check_model(name)
         if not self._registry.healthy_holders(name):
-            await self.refresh_registry()
+            await self.catch_up()
             if not self._registry.holders(name):
                 raise ModelNotFound(model)
             if not self._registry.healthy_holders(name):
@@ -124,6 +124,15 @@ class Dispatcher:
         return await self._start(
             method, path, body, worker_queue(worker_id), residency=residency, upload=upload
         )
+
+    async def catch_up(self) -> None:
+        """Refresh the view unless a refresh began after this call (callers meanwhile share
+        the next one): a miss then sees what another API process saw before it, such as a
+        model just pulled through it. Raises ``RedisUnavailable``."""
+        try:
+            await self._registry.refresh_after(time.monotonic())
+        except RedisError as exc:
+            raise RedisUnavailable(exc) from exc
 
     async def refresh_registry(self, max_age: float = 0.25) -> None:
         """Refresh the view if older than ``max_age`` seconds; raises ``RedisUnavailable``."""

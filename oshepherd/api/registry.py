@@ -23,6 +23,7 @@ class Registry:
         self._redis = redis
         self._interval = refresh
         self._refreshed = 0.0
+        self._began = 0.0  # when the last refresh began (monotonic)
         self._lock = asyncio.Lock()
         self.workers: dict[str, WorkerEntry] = {}
         self._holders: dict[str, list[WorkerEntry]] = {}
@@ -41,26 +42,38 @@ class Registry:
 
     async def refresh(self) -> None:
         async with self._lock:
-            now = time.time()
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrangebyscore(WORKERS_INDEX, now, "+inf")
-                pipe.smembers(TENANTS)
-                ids, tenants = await pipe.execute()
-            self.tenants = frozenset(t.decode() for t in tenants if isinstance(t, bytes))
-            keys = [worker_key(i.decode()) for i in ids if isinstance(i, bytes)]
-            raw = await self._redis.mget(keys) if keys else []
-            workers = {}
-            for item in raw:
-                if item is None:
-                    continue
-                try:
-                    entry = WorkerEntry.from_json(item)
-                except ProtocolError as exc:
-                    log.warning("ignoring a registry entry: %s", exc)
-                    continue
-                workers[entry.id] = entry
-            self._install(workers)
-            self._refreshed = time.monotonic()
+            await self._refresh()
+
+    async def refresh_after(self, moment: float) -> None:
+        """Refresh unless a refresh that began after ``moment`` (monotonic) has ended; callers
+        that wait meanwhile share the next one. The view is then at least as new as Redis was
+        at ``moment``: what another API process changed before (a pull through it) shows."""
+        async with self._lock:
+            if self._began <= moment:
+                await self._refresh()
+
+    async def _refresh(self) -> None:
+        self._began = time.monotonic()
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(WORKERS_INDEX, now, "+inf")
+            pipe.smembers(TENANTS)
+            ids, tenants = await pipe.execute()
+        self.tenants = frozenset(t.decode() for t in tenants if isinstance(t, bytes))
+        keys = [worker_key(i.decode()) for i in ids if isinstance(i, bytes)]
+        raw = await self._redis.mget(keys) if keys else []
+        workers = {}
+        for item in raw:
+            if item is None:
+                continue
+            try:
+                entry = WorkerEntry.from_json(item)
+            except ProtocolError as exc:
+                log.warning("ignoring a registry entry: %s", exc)
+                continue
+            workers[entry.id] = entry
+        self._install(workers)
+        self._refreshed = time.monotonic()
 
     @property
     def current(self) -> bool:

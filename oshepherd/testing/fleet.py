@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import IO, Any, Self
 
 import httpx
+import psutil
 import redis
 
 from oshepherd.redis_server import EmbeddedRedis, free_port
@@ -123,10 +124,13 @@ class Fleet:
 
     def pids(self) -> dict[str, list[int]]:
         """Process ids by role (``api``, ``worker``, ``standin``, ``redis``), for CPU
-        accounting; stand-ins on threads of this process are not among them."""
+        accounting; ``api`` first the API's own, then, with ``API_PROCESSES`` above 1, those
+        its supervisor started. Stand-ins on threads of this process are not among them."""
         pids: dict[str, list[int]] = {"api": [], "worker": []}
         for component in self.stack.components:
             pids["api" if component is self.api else "worker"].append(component.process.pid)
+        if self.api is not None:
+            pids["api"] += [p.pid for p in psutil.Process(self.api.process.pid).children()]
         pids["standin"] = [host.process.pid for host in self.standin_processes]
         with redis.Redis.from_url(self.stack.redis_url) as client:
             pids["redis"] = [int(client.info("server")["process_id"])]
