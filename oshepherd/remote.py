@@ -43,7 +43,7 @@ URL = click.option(
     help="The gateway's base URL [OSHEPHERD_URL].",
 )
 KEY = click.option(
-    "--key", envvar="OLLAMA_API_KEY", help="An API key (admin for status) [OLLAMA_API_KEY]."
+    "--key", envvar="OLLAMA_API_KEY", help="An admin API key, once keys exist [OLLAMA_API_KEY]."
 )
 
 
@@ -52,8 +52,10 @@ class GatewayError(click.ClickException):
 
 
 def _client(url: str, key: str | None) -> httpx.Client:
+    """A client of the gateway at ``url``; raises ``GatewayError`` for a malformed URL."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=TIMEOUT)
+    with _asking(url):
+        return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=TIMEOUT)
 
 
 @contextmanager
@@ -217,7 +219,8 @@ def pull(model: str, url: str, key: str | None) -> None:
         raise GatewayError(f"pull of {model} failed on {', '.join(sorted(bars.failed))} ({where})")
     if bars.error:
         raise GatewayError(bars.error)
-    click.echo(f"pulled {model} on {len(bars.hosts) or 'every'} host(s)")
+    # A stream that names no worker came from one Ollama host, not a gateway.
+    click.echo(f"pulled {model} on {len(bars.hosts)} host(s)" if bars.hosts else f"pulled {model}")
 
 
 def _object(raw: str) -> dict[str, Any]:

@@ -76,6 +76,15 @@ def test_status_against_nothing_is_one_line_and_exit_1() -> None:
         assert len(lines) == 1 and lines[0].startswith(f"Error: cannot reach the gateway at {url}")
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "http://gateway:port", "http://a\nb"])
+def test_a_malformed_url_is_one_line_and_exit_1(url: str) -> None:
+    for args in (["status"], ["pull", "llama3"]):
+        result = oshepherd(*args, "--url", url)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: invalid gateway URL {url!r}")
+
+
 def test_status_of_something_else_says_so(fleet: Fleet) -> None:
     ollama_host = fleet.standins[0].url
     result = oshepherd("status", "--url", ollama_host)
@@ -115,6 +124,13 @@ def test_pull_draws_a_bar_per_host_and_a_total(fleet: Fleet) -> None:
     assert any(line.startswith("total") for line in lines)
     tags = httpx.get(fleet.url + "/api/tags", timeout=5).json()["models"]
     assert {"alpha", "beta"} <= set(next(m for m in tags if m["name"] == "fresh:1b")["workers"])
+
+
+def test_pull_from_one_ollama_host_names_no_count(fleet: Fleet) -> None:
+    # Ollama's own stream names no workers: the pull ran on that one host.
+    result = oshepherd("pull", "solo:1b", "--url", fleet.standins[0].url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "pulled solo:1b"
 
 
 def test_pull_names_the_host_that_failed_and_exits_1(fleet: Fleet) -> None:
