@@ -12,7 +12,18 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from bench import blobs, fleetsize, keys, latency, metrics, report, scale, scheduling, soak
+from bench import (
+    blobs,
+    cores,
+    fleetsize,
+    keys,
+    latency,
+    metrics,
+    report,
+    scale,
+    scheduling,
+    soak,
+)
 from bench.fleet import Lab, raise_open_file_limit
 from bench.harness import DEFAULT, QUICK, Profile
 from bench.report import Row
@@ -32,6 +43,7 @@ GROUPS: list[tuple[frozenset[str], Group]] = [
     (frozenset({"metrics"}), lambda lab, profile, wanted: metrics.metrics_overhead(lab, profile)),
     (frozenset({"scrape"}), lambda lab, profile, wanted: metrics.scrape(lab, profile)),
     (frozenset({"fleet100"}), lambda lab, profile, wanted: fleetsize.fleet100(lab, profile)),
+    (frozenset({"cores"}), lambda lab, profile, wanted: cores.api_processes(lab, profile)),
 ]
 FIGURES = [f for figures, _ in GROUPS for f in sorted(figures)]
 
