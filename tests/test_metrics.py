@@ -61,7 +61,8 @@ def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
 
 @pytest.fixture(scope="module")
 def second_api(fleet: Fleet) -> Component:
-    return fleet.stack.start_api(metrics_token=TOKEN)
+    # as a Kubernetes secret made from a file hands it over: with the file's newline
+    return fleet.stack.start_api(metrics_token=TOKEN + "\n")
 
 
 def generate(url: str, n: int, *, stream: bool) -> tuple[int, int]:

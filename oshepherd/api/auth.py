@@ -188,7 +188,9 @@ class Authenticate:
         self.app = app
         self._table = table
         self._limiter = limiter
-        self._metrics_token = metrics_token.encode()
+        # Stripped as the bearer is: a token read from a file (a Kubernetes secret) ends in
+        # a newline that no Authorization header can carry.
+        self._metrics_token = metrics_token.strip().encode()
         self._allow_ips = tuple(ipaddress.ip_network(cidr) for cidr in allow_ips)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
