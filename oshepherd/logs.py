@@ -19,6 +19,7 @@ import uuid
 from contextvars import ContextVar
 from typing import Literal
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 __all__ = [
@@ -35,6 +36,9 @@ MAX_REQUEST_ID = 128  # characters of a client's X-Request-Id kept; a longer one
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s"
 JSON_NAMES = {"asctime": "time", "levelname": "level", "name": "logger"}
+# Record attributes kept out of JSON lines: the text format's " [id]", uvicorn's copy of its
+# message with terminal colour escapes.
+JSON_SKIPPED = [*RESERVED_ATTRS, "request", "color_message"]
 
 request_id: ContextVar[str] = ContextVar("oshepherd_request_id", default="")
 
@@ -72,7 +76,9 @@ def configure(level: str, log_format: LogFormat = "text") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     if log_format == "json":
-        handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=JSON_NAMES))
+        handler.setFormatter(
+            JsonFormatter(JSON_FIELDS, rename_fields=JSON_NAMES, reserved_attrs=JSON_SKIPPED)
+        )
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -107,6 +107,9 @@ def test_the_apis_lines_about_a_request_name_it(logged: tuple[Fleet, Path]) -> N
     wait_until(lambda: bool(api_lines()), 5, "the API's line with the request id")
     assert api_lines()[0]["message"] == "pull: on solo"
     assert all(isinstance(r, dict) for r in records(path))  # every line is JSON
+    # the documented fields (and a traceback's exc_info), without the text format's
+    # " [id]" or uvicorn's color_message with its terminal escapes
+    assert not [r for r in records(path) if {"request", "color_message"} & set(r)]
 
 
 @pytest.mark.slow
