@@ -36,6 +36,7 @@ __all__ = [
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 MiB = 1024 * 1024
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # logging's, as LOGLEVEL takes them
 # kombu's Redis visibility timeout: an unacked message is handed out again after it.
 VISIBILITY_TIMEOUT = 3600.0
 
@@ -66,7 +67,10 @@ class CommonSettings(BaseSettings):
     @field_validator("loglevel")
     @classmethod
     def _upper(cls, value: str) -> str:
-        return value.upper()
+        level = value.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @property
     def redis(self) -> str:

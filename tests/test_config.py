@@ -49,3 +49,10 @@ def test_queue_timeout_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUEUE_TIMEOUT", "0")
     with pytest.raises(ValueError, match="queue_timeout"):
         ApiSettings()
+
+
+@pytest.mark.parametrize("settings", [ApiSettings, WorkerSettings])
+def test_a_log_level_logging_does_not_know_is_refused(settings: type[ApiSettings]) -> None:
+    assert settings(loglevel="warning").loglevel == "WARNING"  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="must be one of DEBUG, INFO"):
+        settings(loglevel="verbose")  # type: ignore[call-arg]
