@@ -4,8 +4,8 @@ Each fake does to Redis what an idle worker does (``oshepherd.worker.runtime``):
 registers its entry with a TTL every heartbeat (SET PX, ZADD, ZREMRANGEBYSCORE in one
 pipeline), BRPOPs its queues (its own worker queue and its loaded models' queues, every
 priority step) with the worker transport's timeout, and while it has cold models looks at
-their queues with ``OLDEST_SCRIPT`` as often as the worker does
-(``runtime.COLD_POLL``). It never takes a job: the bench sends none to its
+their queues with ``OLDEST_SCRIPT`` on the worker's clock
+(``runtime.COLD_POLL``, ``COLD_POLL_IDLE``). It never takes a job: the bench sends none to its
 models. Entries are built from templates (a real worker's model and running entries, as
 JSON in the file named by ``--templates``), renamed.
 """
@@ -32,7 +32,7 @@ from oshepherd.protocol import (
     worker_key,
     worker_queue,
 )
-from oshepherd.worker.runtime import COLD_POLL
+from oshepherd.worker.runtime import COLD_POLL, COLD_POLL_IDLE
 from oshepherd.worker.transport import Transport
 
 __all__ = ["fake_models", "main"]
@@ -79,9 +79,11 @@ async def _consume(redis: Redis, worker_id: str, warm: list[str]) -> None:
 async def _watch_cold(redis: Redis, cold: list[str]) -> None:
     script = redis.register_script(OLDEST_SCRIPT)
     keys = [queue_key(model_queue(m), step) for m in cold for step in PRIORITY_STEPS]
+    waiting = False
     while True:
-        await asyncio.sleep(COLD_POLL)
-        await script(keys=keys)
+        await asyncio.sleep(COLD_POLL if waiting else COLD_POLL_IDLE)
+        stamps = await script(keys=keys)
+        waiting = any(stamp is not None for stamp in stamps)
 
 
 async def _run(url: str, count: int, models: int, each: int, templates: dict[str, Any]) -> None:

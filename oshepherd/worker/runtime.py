@@ -45,8 +45,15 @@ __all__ = ["WorkerRuntime"]
 
 log = logging.getLogger(__name__)
 
-# Seconds between two looks at the cold models' queues (only while a slot is free).
+# Seconds between two looks at the cold models' queues (only while a slot is free): this
+# often while a look found a job waiting on one of them, ``COLD_POLL_IDLE`` after a look
+# that found them all empty. The idle pace is below the default WARM_WAIT (0.3 s) less
+# COLD_POLL, so a job that waits for a warm host is seen before it is due and taken as
+# soon as before; a job that no host had loaded waits at most that much longer. Idle, a
+# worker's look costs Redis one EVALSHA and one LINDEX per list: measured at 87 commands/s
+# per idle worker with one cold model at 0.05 s (bench fleet100).
 COLD_POLL = 0.05
+COLD_POLL_IDLE = 0.25
 
 
 class WorkerRuntime:
@@ -194,25 +201,29 @@ class WorkerRuntime:
             self.model_queues = queues
 
     async def _watch_cold_forever(self) -> None:
-        """Every ``COLD_POLL`` seconds, while a slot is free, find the cold models with a
-        job that has waited ``WARM_WAIT`` (or was queued when no host had the model loaded:
-        ``Job.queued`` negative): the consumer follows their queues until none has."""
+        """Every ``COLD_POLL`` seconds (``COLD_POLL_IDLE`` while their queues are empty),
+        while a slot is free, find the cold models with a job that has waited ``WARM_WAIT``
+        (or was queued when no host had the model loaded: ``Job.queued`` negative): the
+        consumer follows their queues until none has."""
         script = self.redis.register_script(OLDEST_SCRIPT)
+        waiting = False  # whether the last look found a job on a cold queue
         while True:
-            await asyncio.sleep(COLD_POLL)
+            await asyncio.sleep(COLD_POLL if waiting else COLD_POLL_IDLE)
             cold = sorted(self._held - self._loaded)
             due: frozenset[str] = frozenset()
+            waiting = False
             if cold and len(self.runner.in_flight) < self.settings.concurrency:
                 try:
-                    due = await self._due_models(script, cold)
+                    due, waiting = await self._due_models(script, cold)
                 except RedisError as exc:
                     log.warning("could not look at the cold queues: %r", exc)
             if due != self._due:
                 self._due = due
                 self._follow()
 
-    async def _due_models(self, script: Any, cold: list[str]) -> frozenset[str]:
-        """The models of ``cold`` whose oldest waiting job is due for a cold host."""
+    async def _due_models(self, script: Any, cold: list[str]) -> tuple[frozenset[str], bool]:
+        """The models of ``cold`` whose oldest waiting job is due for a cold host, and
+        whether any job waits on their queues at all."""
         tenants = sorted(self._tenants)
         per_model = len(tenants) * len(PRIORITY_STEPS)
         keys = [
@@ -223,7 +234,7 @@ class WorkerRuntime:
         ]
         stamps = await script(keys=keys)
         since = time.time() - self.settings.warm_wait
-        return frozenset(
+        due = frozenset(
             model
             for i, model in enumerate(cold)
             if any(
@@ -231,6 +242,7 @@ class WorkerRuntime:
                 for stamp in stamps[i * per_model : (i + 1) * per_model]
             )
         )
+        return due, any(stamp is not None for stamp in stamps)
 
     async def _mark_unreachable(self, message: str) -> None:
         """A job could not reach Ollama: stop taking jobs until the next poll succeeds.
