@@ -2,6 +2,7 @@
 
 * Retried once Redis is back: without an explicit retry policy the first command on a
   pooled connection that Redis closed (a restart, a failover) fails, though Redis is up.
+  A command that times out (a hung Redis) fails at once, after one socket timeout.
 * A blocking pool: redis-py's default pool refuses the 101st concurrent command ("Too many
   connections"); a gateway holding a thousand streams must queue for a connection instead.
 * redis-py (8.1) can lose a task's cancellation that lands while a command runs (seen as
@@ -23,7 +24,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError
 
 from oshepherd.config import SentinelUrl, sentinel_url
 
@@ -44,8 +45,11 @@ def async_redis(url: str, **options: Any) -> Redis:
     common: dict[str, Any] = {
         "max_connections": MAX_CONNECTIONS,
         "timeout": POOL_TIMEOUT,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        "retry_on_error": [ConnectionError, TimeoutError],
+        # A closed connection is retried; a timeout is not: a Redis that hangs (stopped, a
+        # full disk) would hold every request for three socket timeouts instead of one.
+        "retry": Retry(
+            ExponentialBackoff(cap=0.5, base=0.05), retries=2, supported_errors=(ConnectionError,)
+        ),
         "health_check_interval": 10,
         **options,
     }

@@ -80,6 +80,11 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    @property
+    def pid(self) -> int | None:
+        """The process id of the running server, or None."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -283,6 +285,34 @@ def test_redis_outage_fails_fast_then_heals_by_itself(
 
     wait_until(served, 15, "served again after Redis came back")
     assert tag_names(fleet.url) == {"llama3:latest"}
+
+
+def test_a_hung_redis_fails_requests_after_one_socket_timeout(
+    private_redis: tuple[EmbeddedRedis, Fleet],
+) -> None:
+    """A Redis that stops answering (SIGSTOP) without closing its sockets: a request waits
+    one socket timeout (5 s), not one per retry, then gets 503; all heals on SIGCONT."""
+    server, fleet = private_redis
+    host = fleet.standin("llama3")
+    fleet.start_api()
+    fleet.worker(host)
+    fleet.wait_for_models("llama3:latest")
+    body = {"model": "llama3", "prompt": "x", "stream": False}
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        during = httpx.post(fleet.url + GENERATE, json=body, timeout=30)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert during.status_code == 503, during.text
+    assert waited < 12, waited  # three socket timeouts (the retries) would be 15 s
+
+    def served() -> bool:
+        return httpx.post(fleet.url + GENERATE, json=body, timeout=10).status_code == 200
+
+    wait_until(served, 20, "served again once Redis answers")
 
 
 def test_nothing_leaks_once_idle(private_redis: tuple[EmbeddedRedis, Fleet]) -> None:
