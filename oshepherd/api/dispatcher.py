@@ -24,6 +24,7 @@ from oshepherd.api.errors import (
     NoHealthyWorker,
     QueueFull,
     RedisUnavailable,
+    Unavailable,
 )
 from oshepherd.api.inbox import Inboxes
 from oshepherd.api.jobstream import JobStream, Liveness
@@ -96,6 +97,9 @@ class Dispatcher:
         if not self._registry.healthy_holders(name):
             await self.catch_up()
             if not self._registry.holders(name):
+                if self._registry.rejoining:
+                    raise Unavailable(f"model '{model}' is not listed: Redis is failing "
+                                      "over or workers are registering again")  # fmt: skip
                 raise ModelNotFound(model)
             if not self._registry.healthy_holders(name):
                 raise NoHealthyWorker(model)

@@ -17,6 +17,10 @@ __all__ = ["Registry"]
 
 log = logging.getLogger(__name__)
 
+# Seconds a worker's registry entry lives (3 heartbeats of WorkerSettings' default), for an
+# entry that does not say (no ``last_seen``: an older worker).
+DEFAULT_ENTRY_TTL = 6.0
+
 
 class Registry:
     def __init__(self, redis: Redis, *, refresh: float) -> None:
@@ -30,6 +34,8 @@ class Registry:
         self._warm: frozenset[str] = frozenset()  # models loaded on a healthy worker's host
         # Key ids that exist (``TENANTS``): a job of any other tenant has no taker.
         self.tenants: frozenset[str] = frozenset()
+        self._outage_ttl: float | None = None  # Redis lost: the longest entry TTL known then
+        self._rejoin_until = 0.0  # monotonic; see ``rejoining``
 
     async def run_forever(self) -> None:
         while True:
@@ -37,8 +43,24 @@ class Registry:
                 await self.refresh()
             except RedisError as exc:
                 log.warning("registry refresh failed: %r", exc)
+                if self._outage_ttl is None:
+                    self._outage_ttl = max(map(_ttl, self.workers.values()), default=0.0)
                 self._forget_expired()
             await asyncio.sleep(self._interval)
+
+    @property
+    def rejoining(self) -> bool:
+        """Redis is out (the last periodic refresh failed), or answers again after an outage
+        (a failover, a restart) since less time than the registry entries known before it
+        lived: workers whose entries expired meanwhile register again within a heartbeat,
+        so a model missing from the view may be back in a moment (a 503, not a 404)."""
+        return self._outage_ttl is not None or time.monotonic() < self._rejoin_until
+
+    def _answered(self) -> None:
+        """A refresh read Redis: an outage, if any, is over."""
+        if self._outage_ttl is not None:
+            self._rejoin_until = time.monotonic() + self._outage_ttl
+            self._outage_ttl = None
 
     async def refresh(self) -> None:
         async with self._lock:
@@ -72,6 +94,7 @@ class Registry:
                 log.warning("ignoring a registry entry: %s", exc)
                 continue
             workers[entry.id] = entry
+        self._answered()
         self._install(workers)
         self._refreshed = time.monotonic()
 
@@ -118,3 +141,8 @@ class Registry:
     def alive(self, worker_id: str) -> bool:
         entry = self.workers.get(worker_id)
         return entry is not None and entry.expires > time.time()
+
+
+def _ttl(entry: WorkerEntry) -> float:
+    """How long ``entry`` lives after each heartbeat (seconds)."""
+    return entry.expires - entry.last_seen if entry.last_seen else DEFAULT_ENTRY_TTL

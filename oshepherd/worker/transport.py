@@ -17,9 +17,18 @@ broker URL, docs/redis-ha.md): kombu's Sentinel transport with these changes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kombu.transport import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 __all__ = ["SentinelTransport", "Transport"]
+
+# Seconds a connection to a sentinel-managed primary keeps looking for one, and between two
+# looks at most (``SentinelChannel``).
+FAILOVER_WAIT = 10.0
+FAILOVER_POLL = 0.25
 
 
 class QoS(redis.QoS):
@@ -53,7 +62,20 @@ class Transport(redis.Transport):
 
 
 class SentinelChannel(Channel, redis.SentinelChannel):
-    """kombu's Sentinel channel (it asks the sentinels for the primary), with ``QoS``."""
+    """kombu's Sentinel channel (it asks the sentinels for the primary), with ``QoS``.
+
+    Its connections keep asking the sentinels for a primary for ``FAILOVER_WAIT`` seconds
+    before they give up (``MasterNotFoundError``): while a failover is under way there is
+    none. Celery's consumer would otherwise sleep 2, 4, 6... seconds between attempts to
+    reconnect (``Connection.ensure_connection``'s defaults, which Celery does not expose)
+    and find the new primary up to that long after it was promoted.
+    """
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)
+        backoff = ExponentialBackoff(cap=FAILOVER_POLL, base=0.05)
+        params["retry"] = Retry(backoff, retries=int(FAILOVER_WAIT / FAILOVER_POLL))
+        return params
 
 
 class SentinelTransport(Transport, redis.SentinelTransport):
