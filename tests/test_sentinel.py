@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -245,15 +246,14 @@ def test_killing_the_primary_under_load(sentinels: Sentinels, stack_log: IO[byte
         wait_until(lambda: sentinels.master() == sentinels.replica_port, 15, "failover")
         promoted = time.monotonic() - killed
         served = wait_until(lambda: load.served_since(killed), BACK_WITHIN, "served again")
+        assert served is not None
         # Some more load on the new primary, then every client call must have ended.
         wait_until(lambda: load.served_since(served) is not None, 10, "steady again")
         assert load.stop(), "a client call hung"
 
         new_primary = f"redis://127.0.0.1:{sentinels.replica_port}/0"
         for worker_id in ids:
-            wait_until(
-                lambda w=worker_id: registered_since(new_primary, w, killed_at), 10, worker_id
-            )
+            wait_until(partial(registered_since, new_primary, worker_id, killed_at), 10, worker_id)
         fleet.wait_for_models("llama3:latest", workers=2, timeout=10)
     finally:
         fleet.stop()
