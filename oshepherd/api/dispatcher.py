@@ -12,6 +12,7 @@ first and goes round the tenants' queues within one (docs/scheduling.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -53,6 +54,10 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
+# Seconds a cancel that Redis refused (away, failing over) is retried: a failover takes a
+# few seconds (docs/redis-ha.md); a job queued before it must not run after it.
+CANCEL_RETRY_FOR = 60.0
+
 
 class Dispatcher:
     def __init__(
@@ -65,6 +70,7 @@ class Dispatcher:
         self._max_queue_depth = settings.max_queue_depth
         self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
         self._supersede_script = redis.register_script(SUPERSEDE_SCRIPT)
+        self._cancelling: set[asyncio.Task[None]] = set()  # cancels waiting for Redis
         self._liveness = Liveness(
             alive=registry.alive,
             supersede=self._supersede,
@@ -231,14 +237,37 @@ class Dispatcher:
         are cancelled: no running worker is told, as the next attempt may be running.
         """
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(cancel_key(job.id), before, ex=CANCEL_TTL)
-                if before == CANCEL_ALL:
-                    pipe.publish(CANCEL_CHANNEL, job.id)
-                pipe.lrem(job.key, 1, message)  # type: ignore[arg-type]  # bytes are fine
-                await pipe.execute()
+            await self._send_cancel(job, message, before)
         except RedisError as exc:
-            log.warning("job %s: could not cancel: %r", job.id, exc)
+            # Redis is away (a restart, a failover): the job may still be queued there, or
+            # on the new primary, and must not run once Redis is back. Keep trying.
+            log.warning("job %s: could not cancel yet, retrying: %r", job.id, exc)
+            task = asyncio.create_task(self._cancel_later(job, message, before))
+            self._cancelling.add(task)
+            task.add_done_callback(self._cancelling.discard)
+
+    async def _cancel_later(self, job: Job, message: bytes, before: int) -> None:
+        """Retry a cancel for up to ``CANCEL_RETRY_FOR`` seconds, backing off."""
+        deadline = time.monotonic() + CANCEL_RETRY_FOR
+        delay = 0.25
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self._send_cancel(job, message, before)
+            except RedisError:
+                delay = min(2 * delay, 2.0)
+                continue
+            log.info("job %s: cancelled once Redis answered", job.id)
+            return
+        log.warning("job %s: could not cancel within %.0f s", job.id, CANCEL_RETRY_FOR)
+
+    async def _send_cancel(self, job: Job, message: bytes, before: int) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(cancel_key(job.id), before, ex=CANCEL_TTL)
+            if before == CANCEL_ALL:
+                pipe.publish(CANCEL_CHANNEL, job.id)
+            pipe.lrem(job.key, 1, message)  # type: ignore[arg-type]  # bytes are fine
+            await pipe.execute()
 
     def _takers(self, job: Job) -> bool:
         """Whether a live worker could take ``job``: one holding its model, or its target.

@@ -1,0 +1,51 @@
+"""A cancel that Redis refuses (away, failing over) is retried once Redis answers: a job
+queued before the outage must not run after it. On a real redis-server, stopped and
+started again with its queue (an RDB snapshot taken before, as a replica would have it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from oshepherd.api.dispatcher import Dispatcher
+from oshepherd.api.inbox import Inboxes
+from oshepherd.api.registry import Registry
+from oshepherd.config import ApiSettings
+from oshepherd.connections import async_redis
+from oshepherd.protocol import CANCEL_ALL, Job, cancel_key, celery_message, model_queue
+from oshepherd.redis_server import EmbeddedRedis
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(30)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedRedis]:
+    running = EmbeddedRedis().start()
+    yield running
+    running.close()
+
+
+async def test_a_cancel_redis_refused_is_retried_once_it_answers(server: EmbeddedRedis) -> None:
+    redis = async_redis(server.url, socket_timeout=0.5)
+    settings = ApiSettings(celery_broker_url=server.url)  # type: ignore[call-arg]
+    dispatcher = Dispatcher(redis, Inboxes(redis, "api"), Registry(redis, refresh=1), settings)
+    job = Job("j1", "channel", "POST", "/api/generate", "{}", "m:latest", None,
+              queue=model_queue("m:latest"))  # fmt: skip
+    message = celery_message(job)
+    await redis.lpush(job.key, message)
+    await redis.save()  # the queue, as the replica promoted in a failover holds it
+    server.stop()
+    await dispatcher._cancel(job, message, CANCEL_ALL)  # refused: Redis is gone
+    server.start()
+    with anyio.fail_after(10):
+        while await redis.llen(job.key):
+            await anyio.sleep(0.05)
+    assert int(await redis.get(cancel_key(job.id)) or 0) == CANCEL_ALL
+    await redis.aclose()
