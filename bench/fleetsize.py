@@ -58,7 +58,7 @@ EACH = 4  # models per fake worker
 SLOTS = 16
 IDLE = 5.0  # seconds of each idle window
 REFRESHES = 50
-TAGS_CALLS = 200
+TAGS_CALLS = 400
 BODY = orjson.dumps({"model": TINY, "prompt": "why is the sky blue?", "stream": True})
 
 
@@ -158,6 +158,11 @@ class RedisProbe:
         times = self._process.cpu_times()
         return calls, float(times.user + times.system)
 
+    def usec(self) -> int:
+        """Microseconds Redis has spent executing commands (``INFO commandstats``)."""
+        stats = self._client.info("commandstats")
+        return sum(int(v["usec"]) for k, v in stats.items() if k != "cmdstat_info")
+
     @staticmethod
     def delta(
         before: tuple[dict[str, int], float], after: tuple[dict[str, int], float]
@@ -230,19 +235,29 @@ def _refresh_cost(fleet: Fleet) -> tuple[float, float, float]:
 
 
 def _tags_rows(small: Fleet, big: Fleet) -> list[Row]:
-    times: dict[str, list[float]] = {"fleet2": [], "fleet100": []}
+    """/api/tags answer times, and the API's CPU per answer (psutil, both fleets in turn)."""
+    fleets = {"fleet2": small, "fleet100": big}
+    times: dict[str, list[float]] = {name: [] for name in fleets}
+    cpu = dict.fromkeys(fleets, 0.0)
+    apis = {name: psutil.Process(f.pids()["api"][0]) for name, f in fleets.items()}
     with httpx.Client(timeout=10) as client:
         for _ in range(4):  # in turn: noise hits both alike
-            for name, fleet in (("fleet2", small), ("fleet100", big)):
+            for name, fleet in fleets.items():
+                cpu[name] -= sum(apis[name].cpu_times()[:2])
                 for _ in range(TAGS_CALLS // 4):
                     started = time.perf_counter()
                     client.get(fleet.url + "/api/tags").raise_for_status()
                     times[name].append((time.perf_counter() - started) * 1e3)
-    return [
+                cpu[name] += sum(apis[name].cpu_times()[:2])
+    rows = [
         Row("fleet100", f"/api/tags p{q}", "ms", percentile(times["fleet2"], q),
             percentile(times["fleet100"], q), "added")
         for q in (50, 99)
     ]  # fmt: skip
+    per_call = {name: cpu[name] / TAGS_CALLS * 1e3 for name in fleets}
+    rows.append(Row("fleet100", "/api/tags API CPU per call", "ms", per_call["fleet2"],
+                    per_call["fleet100"], "added"))  # fmt: skip
+    return rows
 
 
 def _request_rows(small: Fleet, big: Fleet, profile: Profile) -> list[Row]:
@@ -266,7 +281,54 @@ def _request_rows(small: Fleet, big: Fleet, profile: Profile) -> list[Row]:
             calls, _ = RedisProbe.delta(before, probes[name].read())
             runs[name].append(run)
             commands[name].append((sum(calls.values()), run.finished - run.started))
-    return _summarize(runs, commands, idle_rate)
+    return _summarize(runs, commands, idle_rate) + _throughput_rows(fleets, probes, profile)
+
+
+def _throughput_rows(
+    fleets: dict[str, Fleet], probes: dict[str, RedisProbe], profile: Profile
+) -> list[Row]:
+    """Each fleet at concurrency 32 for ``profile.seconds``, after an idle window as long:
+    Redis's CPU, command time (commandstats usec) and commands per request, net of idle."""
+    make: Callable[[str], Request] = lambda base: Request(  # noqa: E731
+        base + "/api/generate", BODY, True, TINY_TOKENS + 1
+    )
+    found: dict[str, tuple[list[float], dict[str, float]]] = {}
+    for name, fleet in fleets.items():
+        window = []
+        for load in (False, True):
+            before, usec0 = probes[name].read(), probes[name].usec()
+            started = time.perf_counter()
+            if load:
+                run = measure({name: fleet.url}, make, 32, seconds=profile.seconds)[name][0]
+            else:
+                time.sleep(profile.seconds)  # the idle window itself
+            calls, cpu = RedisProbe.delta(before, probes[name].read())
+            window.append((calls, cpu, probes[name].usec() - usec0, time.perf_counter() - started))
+        (idle_calls, idle_cpu, idle_usec, idle_s), (calls, cpu, usec, seconds) = window
+        n = max(len(run.ok), 1)
+        net = {k: (v - idle_calls.get(k, 0) * seconds / idle_s) / n for k, v in calls.items()}
+        values = [
+            n / seconds,
+            (cpu - idle_cpu * seconds / idle_s) / n * 1e6,
+            (usec - idle_usec * seconds / idle_s) / n,
+            sum(net.values()),
+        ]
+        found[name] = values, net
+    rows = [
+        Row("fleet100", f"c=32 {label}", unit, found["fleet2"][0][i], found["fleet100"][0][i],
+            "added")
+        for i, (label, unit) in enumerate(
+            [("req/s", "req/s"), ("Redis CPU per request, net of idle", "µs"),
+             ("Redis command time per request, net of idle", "µs"),
+             ("Redis commands per request, net of idle", "")]
+        )
+    ]  # fmt: skip
+    for name in fleets:
+        top = sorted(found[name][1].items(), key=lambda kv: -kv[1])[:10]
+        rows[-1].notes.append(
+            f"{name} c=32 commands per request: " + ", ".join(f"{k} {v:.2f}" for k, v in top)
+        )
+    return rows
 
 
 def _idle_rates(fleets: dict[str, Fleet], probes: dict[str, RedisProbe]) -> dict[str, float]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -16,6 +18,8 @@ from oshepherd.protocol import TENANTS, WORKERS_INDEX, ProtocolError, WorkerEntr
 __all__ = ["Registry"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Seconds a worker's registry entry lives (3 heartbeats of WorkerSettings' default), for an
 # entry that does not say (no ``last_seen``: an older worker).
@@ -31,6 +35,9 @@ class Registry:
         self._lock = asyncio.Lock()
         self.workers: dict[str, WorkerEntry] = {}
         self._holders: dict[str, list[WorkerEntry]] = {}
+        self._healthy_holders: dict[str, list[WorkerEntry]] = {}
+        self._healthy: list[WorkerEntry] = []
+        self._derived: dict[str, Any] = {}  # see ``derived``
         self._warm: frozenset[str] = frozenset()  # models loaded on a healthy worker's host
         # Key ids that exist (``TENANTS``): a job of any other tenant has no taker.
         self.tenants: frozenset[str] = frozenset()
@@ -109,30 +116,47 @@ class Registry:
             await self.refresh()
 
     def _install(self, workers: dict[str, WorkerEntry]) -> None:
+        """Take ``workers`` as the view, with the indexes the request path reads: built once
+        per refresh (O(entries)), so that a request costs the same whatever the fleet."""
         holders: dict[str, list[WorkerEntry]] = {}
         for entry in workers.values():
             for name in {entry_model(m) for m in entry.models}:
                 holders.setdefault(name, []).append(entry)
         self.workers = workers
         self._holders = holders
+        self._healthy_holders = {
+            name: healthy for name, held in holders.items() if (healthy := _healthy(held))
+        }
+        self._healthy = sorted(_healthy(workers.values()), key=lambda w: w.id)
         self._warm = frozenset(
             entry_model(m) for w in workers.values() if w.healthy for m in w.running
         )
+        self._derived = {}
+
+    def derived(self, name: str, build: Callable[[], T]) -> T:
+        """``build()``'s result, kept under ``name`` until the view changes (a view of the
+        fleet that a route would otherwise rebuild on every request, such as /api/tags's
+        merged list). ``build`` reads only the registry; its result is shared, never
+        mutated."""
+        if name not in self._derived:
+            self._derived[name] = build()
+        return cast(T, self._derived[name])
 
     def _forget_expired(self) -> None:
         now = time.time()
         self._install({k: w for k, w in self.workers.items() if w.expires > now})
 
     def healthy(self) -> list[WorkerEntry]:
-        """Every worker whose host answers, by id."""
-        return sorted((w for w in self.workers.values() if w.healthy), key=lambda w: w.id)
+        """Every worker whose host answers, by id (a copy: the caller's to keep)."""
+        return list(self._healthy)
 
     def holders(self, model: str) -> list[WorkerEntry]:
         """Workers whose host has ``model`` (normalized), healthy or not."""
         return self._holders.get(model, [])
 
     def healthy_holders(self, model: str) -> list[WorkerEntry]:
-        return [w for w in self.holders(model) if w.healthy]
+        """Workers whose host has ``model`` (normalized) and answers (shared: read only)."""
+        return self._healthy_holders.get(model, [])
 
     def warm(self, model: str) -> bool:
         """Whether a healthy worker's host has ``model`` (normalized) loaded (its /api/ps)."""
@@ -141,6 +165,10 @@ class Registry:
     def alive(self, worker_id: str) -> bool:
         entry = self.workers.get(worker_id)
         return entry is not None and entry.expires > time.time()
+
+
+def _healthy(workers: Iterable[WorkerEntry]) -> list[WorkerEntry]:
+    return [w for w in workers if w.healthy]
 
 
 def _ttl(entry: WorkerEntry) -> float:

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
 from oshepherd import durations
 from oshepherd.api import scatter
-from oshepherd.api.auth import check_model, may_use
+from oshepherd.api.auth import caller, check_model, may_use
 from oshepherd.api.bodies import Body, model_name, read_body, stream_flag
-from oshepherd.api.errors import BadRequest, RedisUnavailable, json_response
+from oshepherd.api.errors import JSON, BadRequest, RedisUnavailable, json_response
 from oshepherd.api.fanout import Fanout, FanoutResponse
 from oshepherd.api.gateway import gateway
+from oshepherd.api.registry import Registry
 from oshepherd.api.relay import RelayResponse
 from oshepherd.models import entry_model, normalize
 from oshepherd.protocol import LOAD, UNLOAD, WorkerEntry
@@ -25,6 +27,8 @@ router = APIRouter()
 Check = Callable[[dict[str, Any]], None]
 # A request's ``Job.residency``: LOAD, UNLOAD, or "" for an ordinary request.
 Residency = Callable[[dict[str, Any]], str]
+# The fleet's models merged: (normalized name, entry with its ``workers``), and the JSON.
+Merged = tuple[list[tuple[str, dict[str, Any]]], bytes]
 
 
 def route(
@@ -183,35 +187,60 @@ async def status(request: Request) -> Response:
 async def tags(request: Request) -> Response:
     """Every model of the fleet; ``HEAD`` answers the same headers without the body, as
     Ollama's ``r.HEAD("/api/tags", s.ListHandler)`` does."""
-    return json_response({"models": merged(healthy_workers(request), "models")})
+    return _merged_response(request, "models")
 
 
 @route("/api/ps", ["GET"])
 async def ps(request: Request) -> Response:
-    return json_response({"models": merged(healthy_workers(request), "running")})
+    return _merged_response(request, "running")
 
 
 def healthy_workers(request: Request) -> list[WorkerEntry]:
     """The fleet's healthy workers, by id; ``RedisUnavailable`` when the registry is not
     current (Redis is gone: an empty fleet would be a lie)."""
+    return _current(request).healthy()
+
+
+def _current(request: Request) -> Registry:
+    """The registry, if current; else ``RedisUnavailable``."""
     registry = gateway(request).registry
     if not registry.current:
         raise RedisUnavailable("the fleet's registry is out of date")
-    return registry.healthy()
+    return registry
 
 
-def merged(workers: Iterable[WorkerEntry], field: str) -> list[dict[str, Any]]:
-    """One entry per model across ``workers`` that the caller may use (its key's models),
-    Ollama's shape plus the ``workers`` holding it."""
+def merged(request: Request, field: str) -> list[dict[str, Any]]:
+    """One entry per model across the healthy workers' ``field`` ("models", "running")
+    that the caller may use (its key's models), Ollama's shape plus the ``workers`` holding
+    it (shared: read only). ``RedisUnavailable`` as ``healthy_workers``."""
+    return [entry for name, entry in _fleet_merged(request, field)[0] if may_use(name)]
+
+
+def _merged_response(request: Request, field: str) -> Response:
+    """``{"models": merged(request, field)}``; for a caller whose key limits no model, the
+    JSON built once per registry refresh."""
+    entries, body = _fleet_merged(request, field)
+    key = caller().key
+    if key is None or not key.models:
+        return Response(body, media_type=JSON)
+    return json_response({"models": [e for name, e in entries if key.allows_model(name)]})
+
+
+def _fleet_merged(request: Request, field: str) -> Merged:
+    """Every model of the healthy workers' ``field`` with its name, merged, and their JSON
+    as ``{"models": [...]}``: built once per registry refresh (``Registry.derived``), not on
+    each request, as it reads every worker's entry."""
+    registry = _current(request)
+    return registry.derived(field, lambda: _merge(registry.healthy(), field))
+
+
+def _merge(workers: Iterable[WorkerEntry], field: str) -> Merged:
     by_name: dict[str, dict[str, Any]] = {}
     for worker in workers:
         for entry in getattr(worker, field):
-            key = entry_model(entry)
-            if not may_use(key):
-                continue
-            merged_entry = by_name.setdefault(key, {**entry, "workers": []})
+            merged_entry = by_name.setdefault(entry_model(entry), {**entry, "workers": []})
             merged_entry["workers"].append(worker.id)
-    return list(by_name.values())
+    return list(by_name.items()), orjson.dumps({"models": list(by_name.values())})
 
 
 def fleet_cloud(workers: Iterable[WorkerEntry]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from oshepherd.api.bodies import model_name, read_form
 from oshepherd.api.errors import ModelNotFound, json_response
 from oshepherd.api.gateway import gateway
 from oshepherd.api.relay import RelayResponse
-from oshepherd.api.routes.ollama import forward, healthy_workers, merged
+from oshepherd.api.routes.ollama import forward, merged
 from oshepherd.models import entry_model, entry_name, normalize
 from oshepherd.protocol import binary_body
 
@@ -69,7 +69,7 @@ async def transcriptions(request: Request) -> Response:
 
 @router.get("/models", response_model=None)
 async def list_models(request: Request) -> Response:
-    entries = merged(healthy_workers(request), "models")
+    entries = merged(request, "models")
     return json_response({"object": "list", "data": [_model(entry_name(e), e) for e in entries]})
 
 
@@ -78,7 +78,7 @@ async def retrieve_model(request: Request, model: str) -> Response:
     """One model, ``id`` echoed as asked (names hold ':' and '/', hence the path converter)."""
     wanted = normalize(model)
     check_model(wanted)
-    for entry in merged(healthy_workers(request), "models"):
+    for entry in merged(request, "models"):
         if entry_model(entry) == wanted:
             return json_response(_model(model, entry))
     raise ModelNotFound(model)
