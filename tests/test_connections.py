@@ -1,0 +1,85 @@
+"""The API's Redis pool (connections.LeanBlockingPool) against a real redis-server: commands
+past max_connections wait their turn instead of failing, a wait has its timeout, a cancelled
+waiter gives its place up, and a connection Redis closed is reopened."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError
+
+from oshepherd.connections import LeanBlockingPool, async_redis
+from oshepherd.redis_server import EmbeddedRedis
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(20)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _block(client: Redis, seconds: float) -> object:
+    """Hold one connection for ``seconds`` (a BLPOP on a list nobody pushes to)."""
+    return await client.blpop(["test-connections-nothing"], timeout=seconds)
+
+
+async def _ping(client: Redis) -> bool:
+    return bool(await client.ping())
+
+
+def _client(server: EmbeddedRedis, connections: int, timeout: float) -> Redis:
+    pool = LeanBlockingPool.from_url(server.url, max_connections=connections, timeout=timeout)
+    return Redis(connection_pool=pool)
+
+
+async def test_a_thousand_commands_share_four_connections(redis_server: EmbeddedRedis) -> None:
+    client = _client(redis_server, connections=4, timeout=10)
+    try:
+        results = await asyncio.gather(*(client.echo(str(i)) for i in range(1000)))
+        assert results == [str(i).encode() for i in range(1000)]
+        pool = client.connection_pool
+        assert len(pool._available_connections) == 4 and not pool._in_use_connections
+    finally:
+        await client.aclose()
+
+
+async def test_a_wait_past_its_timeout_is_no_connection(redis_server: EmbeddedRedis) -> None:
+    client = _client(redis_server, connections=1, timeout=0.2)
+    try:
+        blocked = asyncio.create_task(_block(client, 2))
+        await asyncio.sleep(0.05)  # the BLPOP holds the one connection
+        with pytest.raises(ConnectionError, match="No connection available"):
+            await client.ping()
+        assert await blocked is None  # then the queue moves on
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_waiter_gives_its_turn_up(redis_server: EmbeddedRedis) -> None:
+    client = _client(redis_server, connections=1, timeout=5)
+    try:
+        blocked = asyncio.create_task(_block(client, 0.3))
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(_ping(client))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await blocked is None
+        assert await asyncio.wait_for(client.ping(), 2)  # no dead turn ahead of it
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_redis_closed_is_reopened(redis_server: EmbeddedRedis) -> None:
+    client = async_redis(redis_server.url)
+    try:
+        await client.client_setname("test-connections")
+        await client.execute_command("CLIENT", "KILL", "SKIPME", "no", "TYPE", "normal")
+        assert await client.ping()
+    finally:
+        await client.aclose()
