@@ -24,6 +24,8 @@ T = TypeVar("T")
 # Seconds a worker's registry entry lives (3 heartbeats of WorkerSettings' default), for an
 # entry that does not say (no ``last_seen``: an older worker).
 DEFAULT_ENTRY_TTL = 6.0
+# Seconds between two refreshes a miss asks for (``Registry.refresh_after``).
+MISS_REFRESH_GAP = 0.25
 
 
 class Registry:
@@ -76,9 +78,17 @@ class Registry:
     async def refresh_after(self, moment: float) -> None:
         """Refresh unless a refresh that began after ``moment`` (monotonic) has ended; callers
         that wait meanwhile share the next one. The view is then at least as new as Redis was
-        at ``moment``: what another API process changed before (a pull through it) shows."""
+        at ``moment``: what another API process changed before (a pull through it) shows.
+
+        Such refreshes begin at most every ``MISS_REFRESH_GAP`` seconds (a miss waits at most
+        that long): a flood of requests for models nobody has must not turn into a flood of
+        full registry reads, which grow with the fleet (docs/scale.md).
+        """
         async with self._lock:
             if self._began <= moment:
+                wait = self._began + MISS_REFRESH_GAP - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 await self._refresh()
 
     async def _refresh(self) -> None:
