@@ -44,8 +44,9 @@ class LeanBlockingPool(BlockingConnectionPool):
     goes straight to the longest waiter. redis-py's pool takes an ``asyncio.Condition``, a
     timeout, a lock and a reconnect-through-retry check per command (about 50 µs of the
     API's CPU each); here a free connection is taken with none of them, and one that is
-    closed or holds unread bytes goes through redis-py's own ``ensure_connection``. A pool
-    with maintenance notifications (Redis Enterprise) keeps redis-py's path.
+    closed or holds unread bytes goes through redis-py's own ``ensure_connection``. While
+    redis-py handles a maintenance notification (Redis Enterprise's MOVING, which rewrites
+    the pool under its lock) the pool keeps redis-py's path.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,7 +56,7 @@ class LeanBlockingPool(BlockingConnectionPool):
     async def get_connection(  # type: ignore[override]
         self, command_name: Any = None, *keys: Any, **options: Any
     ) -> AbstractConnection:
-        if self.maint_notifications_enabled():
+        if self._in_maintenance:
             connection: AbstractConnection = await super().get_connection()
             return connection
         if self._turns or not self.can_get_connection():
@@ -71,7 +72,7 @@ class LeanBlockingPool(BlockingConnectionPool):
         return connection
 
     async def release(self, connection: AbstractConnection) -> None:
-        if self.maint_notifications_enabled():
+        if self._in_maintenance:
             await super().release(connection)
             return
         if connection.should_reconnect():
