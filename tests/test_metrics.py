@@ -178,6 +178,11 @@ def test_metrics_need_an_admin_key_or_the_token_once_keys_exist(
             assert httpx.get(url + "/api/tags", headers=bearer).status_code == 401
             for probe in ("/healthz", "/readyz"):
                 assert httpx.get(url + probe).status_code == 200
+            # A request refused before routing counts under its route, not "other".
+            assert httpx.post(url + "/api/generate", json={}).status_code == 401
+            scrape = samples(url, "/metrics", {"x-api-key": admin})
+            refused = {"route": "/api/generate", "status": "401"}
+            assert total(scrape, "oshepherd_requests_total", **refused) >= 1
         finally:
             store.revoke(admin_key.id)
             store.revoke(user_key.id)

@@ -103,18 +103,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
         ],
     )
     install_handlers(app)
-    app.include_router(ollama.router)
-    app.include_router(manage.router)
-    app.include_router(openai.router)
-    app.include_router(anthropic.router)
-    app.include_router(key_routes.router)
-    app.include_router(usage_routes.router)
-    app.include_router(fleet.router)
-    app.include_router(metrics_routes.router)
-    app.include_router(dashboard.router)
+    routers = (
+        ollama.router, manage.router, openai.router, anthropic.router, key_routes.router,
+        usage_routes.router, fleet.router, metrics_routes.router, dashboard.router,
+    )  # fmt: skip
+    for router in routers:
+        app.include_router(router)
     app.mount(dashboard.ASSETS, dashboard.assets())
     if settings.metrics:  # outermost: counts the requests any middleware refuses too
-        app.add_middleware(Observe, routes=[getattr(r, "path", "") for r in app.routes])
+        paths = [getattr(route, "path", "") for router in routers for route in router.routes]
+        app.add_middleware(Observe, routes=paths)
     return app
 
 
