@@ -35,7 +35,7 @@ def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
     fleet.start_api(embed_batch_size=4)
     fleet.worker(a)
     fleet.worker(b)
-    fleet.wait_for_models("embedder:latest")
+    fleet.wait_for_models("embedder:latest", workers=2)  # both, or a scatter sees one's slots
     yield fleet
     fleet.stop()
 
@@ -61,9 +61,11 @@ def alone(fleet: Fleet) -> list[list[float]]:
 
 
 def busy(hosts: list[StandIn]) -> None:
-    """Keep every batch that reaches a host there, so both hosts must take some."""
+    """Keep every batch that reaches a host there long enough that both hosts must take
+    some: longer than WARM_WAIT (0.3 s), after which a host that has not loaded the model
+    (warm first) takes a waiting batch too."""
     for host in hosts:
-        host.latency = 0.3
+        host.latency = 1.0
 
 
 def test_batches_spread_over_both_hosts_and_come_back_in_order(
