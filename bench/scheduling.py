@@ -18,21 +18,13 @@ import time
 from collections.abc import Callable
 
 import httpx
-import orjson
 import redis
 
 from bench.fleet import Lab
 from bench.harness import Profile, percentile
 from bench.report import Row, Target
 from oshepherd.protocol import (
-    ENQUEUE_SCRIPT,
-    PRIORITY_STEP,
     TENANTS,
-    Job,
-    celery_message,
-    job_channel,
-    model_queue,
-    new_id,
 )
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
@@ -76,29 +68,15 @@ def _b_wait(lab: Lab, fair: bool) -> float:
         fleet.worker(host, concurrency=1)
         fleet.wait_for_models(MODEL)
         for tenant in tenants:  # the worker follows both tenants' queues
-            _enqueue(fleet, ["probe"], tenant)
+            fleet.enqueue_generates(MODEL, ["probe"], tenant=tenant)
         host.wait_for(lambda h: h.completed == len(tenants), timeout=10)
-        _enqueue(fleet, ["a-busy"], tenants[0])
+        fleet.enqueue_generates(MODEL, ["a-busy"], tenant=tenants[0])
         host.wait_for(lambda h: h.active == 1)
-        _enqueue(fleet, [f"a-{i}" for i in range(BURST - 1)], tenants[0])
+        fleet.enqueue_generates(MODEL, [f"a-{i}" for i in range(BURST - 1)], tenant=tenants[0])
         queued = time.monotonic()
-        _enqueue(fleet, ["b"], tenants[1])
+        fleet.enqueue_generates(MODEL, ["b"], tenant=tenants[1])
         wait_until(lambda: "b" in _prompts(host), 60, "B's job ran")
         return round((time.monotonic() - queued) / JOB - 1, 1)
-
-
-def _enqueue(fleet: Fleet, prompts: list[str], tenant: str) -> None:
-    """Queue a generate per prompt as the API does, in one round trip."""
-    with redis.Redis.from_url(fleet.stack.redis_url) as client, client.pipeline() as pipe:
-        for prompt in prompts:
-            job_id = new_id()
-            body = orjson.dumps({"model": MODEL, "prompt": prompt, "stream": False}).decode()
-            job = Job(
-                job_id, job_channel("bench", job_id), "POST", GENERATE, body, MODEL, None,
-                queue=model_queue(MODEL, tenant), tenant=tenant, priority=PRIORITY_STEP["normal"],
-            )  # fmt: skip
-            pipe.eval(ENQUEUE_SCRIPT, 1, job.key, celery_message(job), 10_000)
-        pipe.execute()
 
 
 def _prompts(host: StandIn) -> list[str]:

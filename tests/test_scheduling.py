@@ -12,19 +12,13 @@ import time
 from collections.abc import Callable
 
 import httpx
-import orjson
 import pytest
 import redis
 
 from oshepherd.protocol import (
-    ENQUEUE_SCRIPT,
     PRIORITY_STEP,
     TENANTS,
-    Job,
-    celery_message,
-    job_channel,
     model_queue,
-    new_id,
     queue_key,
 )
 from oshepherd.stack import wait_until
@@ -38,18 +32,9 @@ GENERATE = "/api/generate"
 
 
 def enqueue(fleet: Fleet, *prompts: str, tenant: str = "", level: str = "normal") -> None:
-    """Queue a generate of each of ``prompts`` as the API does, in one round trip (no one
-    follows their answers)."""
-    with redis.Redis.from_url(fleet.stack.redis_url) as client, client.pipeline() as pipe:
-        for prompt in prompts:
-            job_id = new_id()
-            body = orjson.dumps({"model": MODEL, "prompt": prompt, "stream": False}).decode()
-            job = Job(
-                job_id, job_channel("test", job_id), "POST", GENERATE, body, MODEL, None,
-                queue=model_queue(MODEL, tenant), tenant=tenant, priority=PRIORITY_STEP[level],
-            )  # fmt: skip
-            pipe.eval(ENQUEUE_SCRIPT, 1, job.key, celery_message(job), 10_000)
-        assert -1 not in pipe.execute()
+    """Queue a generate of each of ``prompts`` as the API does (no one follows their
+    answers)."""
+    assert -1 not in fleet.enqueue_generates(MODEL, prompts, tenant=tenant, level=level)
 
 
 def prompts(host: StandIn) -> list[str]:

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import IO, Any, Self
 
 import httpx
+import orjson
 import psutil
 import redis
 
+from oshepherd.protocol import (
+    ENQUEUE_SCRIPT,
+    PRIORITY_STEP,
+    Job,
+    celery_message,
+    job_channel,
+    model_queue,
+    new_id,
+)
 from oshepherd.redis_server import EmbeddedRedis, free_port
 from oshepherd.stack import Component, Stack, answers, wait_until
 from oshepherd.testing.standin import StandIn
@@ -116,6 +126,25 @@ class Fleet:
         wanted = ", ".join(names)
         what = f"{wanted} listed on {workers} worker(s)"
         wait_until(lambda: self._listed(names, workers), timeout, what)
+
+    def enqueue_generates(
+        self, model: str, prompts: Iterable[str], *, tenant: str = "", level: str = "normal"
+    ) -> list[int]:
+        """Queue a non-streamed generate of ``model`` (normalized) per prompt, as the API
+        queues a job (``ENQUEUE_SCRIPT`` with ``celery_message``, on the list of ``tenant``
+        and the priority ``level``), in one round trip; nobody follows their answers. The
+        lists' new depths (-1: a list was full)."""
+        with redis.Redis.from_url(self.stack.redis_url) as client, client.pipeline() as pipe:
+            for prompt in prompts:
+                job_id = new_id()
+                body = orjson.dumps({"model": model, "prompt": prompt, "stream": False})
+                job = Job(
+                    job_id, job_channel("fleet", job_id), "POST", "/api/generate", body.decode(),
+                    model, None, queue=model_queue(model, tenant), tenant=tenant,
+                    priority=PRIORITY_STEP[level],
+                )  # fmt: skip
+                pipe.eval(ENQUEUE_SCRIPT, 1, job.key, celery_message(job), 10_000)
+            return [int(depth) for depth in pipe.execute()]
 
     def _listed(self, names: tuple[str, ...], workers: int) -> bool:
         models = httpx.get(self.url + "/api/tags", timeout=5).json()["models"]
