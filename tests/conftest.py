@@ -69,6 +69,24 @@ def two_hosts(
         fleet.stop()
 
 
+@contextmanager
+def busy_and_other(server: EmbeddedRedis, log: IO[bytes]) -> Iterator[Fleet]:
+    """The fleet the fleet API and the dashboard are watched on: host0 serves llama3, each
+    answer 1 s late, behind a worker of one slot (``busy``), so its queue fills; host1
+    serves qwen2:7b (worker ``other``)."""
+    fleet = new_fleet(server, log)
+    try:
+        busy = fleet.standin("llama3", latency=1.0)
+        other = fleet.standin("qwen2:7b")
+        fleet.start_api()
+        fleet.worker(busy, worker_id="busy", concurrency=1)
+        fleet.worker(other, worker_id="other")
+        fleet.wait_for_models("llama3:latest", "qwen2:7b")
+        yield fleet
+    finally:
+        fleet.stop()
+
+
 @pytest.fixture
 def client(fleet: Fleet) -> ollama.Client:
     """An ollama-python client of the module's ``fleet``, with the hosts' counters zeroed."""

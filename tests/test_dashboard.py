@@ -25,7 +25,7 @@ from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
 from oshepherd.testing.standin import StandIn
-from tests.conftest import new_fleet
+from tests.conftest import busy_and_other
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -44,18 +44,8 @@ Rows = dict[str, dict[str, str]]
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    """host0: llama3, each answer 1 s late, a worker of one slot (``busy``); host1: qwen2."""
-    fleet = new_fleet(redis_server, stack_log)
-    try:
-        busy = fleet.standin("llama3", latency=1.0)
-        other = fleet.standin("qwen2:7b")
-        fleet.start_api()
-        fleet.worker(busy, worker_id="busy", concurrency=1)
-        fleet.worker(other, worker_id="other")
-        fleet.wait_for_models("llama3:latest", "qwen2:7b")
+    with busy_and_other(redis_server, stack_log) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.fixture(scope="module")
