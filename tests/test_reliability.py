@@ -293,10 +293,7 @@ def test_a_hung_redis_fails_requests_after_one_socket_timeout(
     """A Redis that stops answering (SIGSTOP) without closing its sockets: a request waits
     one socket timeout (5 s), not one per retry, then gets 503; all heals on SIGCONT."""
     server, fleet = private_redis
-    host = fleet.standin("llama3")
-    fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
+    one_host(fleet)
     body = {"model": "llama3", "prompt": "x", "stream": False}
     assert server.pid is not None
     os.kill(server.pid, signal.SIGSTOP)

@@ -66,6 +66,11 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def lines_about(path: Path, request_id: str, logger: str) -> list[dict[str, Any]]:
+    """The log's lines from ``logger`` about the request ``request_id``."""
+    return [r for r in records(path) if r.get("request_id") == request_id and r["logger"] == logger]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_request_id_reaches_the_workers_log_lines(logged: tuple[Fleet, Path]) -> None:
@@ -76,11 +81,7 @@ def test_a_request_id_reaches_the_workers_log_lines(logged: tuple[Fleet, Path]) 
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "trace-me-42"
 
     def worker_lines() -> list[dict[str, Any]]:
-        return [
-            r
-            for r in records(path)
-            if r.get("request_id") == "trace-me-42" and r["logger"] == "oshepherd.worker.jobs"
-        ]
+        return lines_about(path, "trace-me-42", "oshepherd.worker.jobs")
 
     wait_until(lambda: bool(worker_lines()), 5, "the worker's line with the request id")
     line = worker_lines()[0]
@@ -98,11 +99,7 @@ def test_the_apis_lines_about_a_request_name_it(logged: tuple[Fleet, Path]) -> N
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "pull-7"
 
     def api_lines() -> list[dict[str, Any]]:
-        return [
-            r
-            for r in records(path)
-            if r.get("request_id") == "pull-7" and r["logger"] == "oshepherd.api.fanout"
-        ]
+        return lines_about(path, "pull-7", "oshepherd.api.fanout")
 
     wait_until(lambda: bool(api_lines()), 5, "the API's line with the request id")
     assert api_lines()[0]["message"] == "pull: on solo"

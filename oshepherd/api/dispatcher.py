@@ -186,7 +186,7 @@ class Dispatcher:
             liveness=self._liveness,
             cancel=self._cancel,
             rerun=self._rerun,
-            usage=caller().usage,
+            usage=who.usage,
         )
 
     async def _enqueue(self, job: Job) -> bytes:
