@@ -3,13 +3,16 @@
 The process subscribes once, to the pattern of its own job channels, so a request costs no
 SUBSCRIBE/UNSUBSCRIBE round trips and leaves no subscription behind. Each raw frame goes
 to its job's inbox; when the connection drops, every open inbox is told (``LOST``) and
-``Inboxes`` reconnects by itself. This is the API's end of the worker's ``Outbox``.
+``Inboxes`` reconnects by itself, as promptly as the workers do after a Sentinel failover
+(every 0.25 s for the first 10 s of an outage). This is the API's end of the worker's
+``Outbox``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Final
 
 from redis.asyncio import Redis
@@ -22,6 +25,12 @@ __all__ = ["LOST", "Inbox", "Inboxes"]
 log = logging.getLogger(__name__)
 
 LOST: Final = b""  # in an inbox: the Pub/Sub connection dropped, frames may have been lost
+# Seconds between attempts to subscribe again: RETRY_EVERY for the first RETRY_FAST_FOR
+# seconds of an outage (a Sentinel failover promotes a replica within seconds; the workers
+# look for it as often, worker.transport), then RETRY_SLOW.
+RETRY_EVERY: Final = 0.25
+RETRY_FAST_FOR: Final = 10.0
+RETRY_SLOW: Final = 2.0
 
 
 class Inbox:
@@ -63,6 +72,7 @@ class Inboxes:
         self._api_id = api_id
         self._open: dict[str, Inbox] = {}
         self._ready = asyncio.Event()
+        self._down_since: float | None = None  # monotonic start of the outage, if one
 
     def channel(self, job_id: str) -> str:
         """The reply channel a worker publishes ``job_id``'s frames on."""
@@ -89,19 +99,40 @@ class Inboxes:
         return True
 
     async def run_forever(self) -> None:
-        backoff = 0.1
+        """Subscribe and deliver frames until cancelled. After a drop, every open inbox gets
+        ``LOST`` and the process subscribes again: every ``RETRY_EVERY`` s for the first
+        ``RETRY_FAST_FOR`` s of the outage, then every ``RETRY_SLOW`` s. Logs one warning per
+        outage and one info line when subscribed again."""
         while True:
             try:
                 await self._listen()
             except (RedisError, OSError) as exc:
-                log.warning("Pub/Sub connection lost, reconnecting: %r", exc)
-            if self._ready.is_set():
-                backoff = 0.1
+                self._failed(exc)
+            await asyncio.sleep(self._retry_delay())
+
+    def _failed(self, exc: Exception) -> None:
+        """The connection dropped, or an attempt to subscribe failed."""
+        if self._ready.is_set():
             self._ready.clear()
             for inbox in self._open.values():
                 inbox.put(LOST)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("Pub/Sub connection away, reconnecting: %r", exc)
+        else:
+            log.debug("Pub/Sub still away: %r", exc)
+
+    def _retry_delay(self) -> float:
+        """Seconds until the next attempt, from how long the outage has lasted."""
+        down = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        return RETRY_EVERY if down < RETRY_FAST_FOR else RETRY_SLOW
+
+    def _subscribed(self) -> None:
+        self._ready.set()
+        if self._down_since is not None:
+            away = time.monotonic() - self._down_since
+            self._down_since = None
+            log.info("Pub/Sub connection back after %.2f s", away)
 
     async def _listen(self) -> None:
         async with self._redis.pubsub() as pubsub:
@@ -111,7 +142,7 @@ class Inboxes:
                 if message is None:
                     continue
                 if message["type"] == "psubscribe":
-                    self._ready.set()
+                    self._subscribed()
                 elif message["type"] == "pmessage":
                     inbox = self._open.get(job_id_from_channel(message["channel"].decode()))
                     if inbox is not None:
