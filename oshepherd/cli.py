@@ -24,7 +24,7 @@ import rich.table
 
 from oshepherd import logs, remote, usage
 from oshepherd.acl import aclfile_line, quote, setuser_command
-from oshepherd.config import ApiSettings, WorkerSettings, load, redacted
+from oshepherd.config import ApiSettings, CommonSettings, WorkerSettings, load, redacted
 from oshepherd.connections import async_redis, sync_redis
 from oshepherd.keys import ApiKey, InvalidKey, KeyStore, UnknownKey, public
 from oshepherd.stack import Stack, StartError
@@ -402,6 +402,8 @@ async def _read_usage(url: str, when: list[str], key_id: str | None) -> list[usa
 
 
 @main.command("worker-acl")
+@ENV_FILE
+@REDIS_URL
 @click.option("--user", required=True, help="Name of the Redis user for workers, e.g. worker.")
 @click.option(
     "--password", help="Its password (default: a random one, shown in the URL on stderr)."
@@ -416,7 +418,14 @@ async def _read_usage(url: str, when: list[str], key_id: str | None) -> list[usa
     is_flag=True,
     help="Print a line for a Redis ACL file instead of an ACL SETUSER command.",
 )
-def worker_acl(user: str, password: str | None, worker_id: str | None, aclfile: bool) -> None:
+def worker_acl(
+    env_file: Path | None,
+    redis_url: str | None,
+    user: str,
+    password: str | None,
+    worker_id: str | None,
+    aclfile: bool,
+) -> None:
     """Print the least-privilege Redis user of a worker (docs/redis-acl.md).
 
     It may take jobs of every model, answer them, register and read the tenants; it may
@@ -424,16 +433,30 @@ def worker_acl(user: str, password: str | None, worker_id: str | None, aclfile: 
     channels, or run admin commands (FLUSHALL, CONFIG...). Redis 6.2 or later. Run the
     printed command as an admin (redis-cli ... ACL SETUSER ...; then ACL SAVE with an
     aclfile), or add the --aclfile line to the file; give the worker the URL printed on
-    stderr as CELERY_BROKER_URL, with the host, port and database of your Redis.
+    stderr as CELERY_BROKER_URL: the configured one (a sentinel:// URL keeps its sentinels
+    and master) with the user's credentials, or redis://...@HOST:6379/0 if none is set.
     """
+    settings: CommonSettings = _settings(CommonSettings, env_file, celery_broker_url=redis_url)
     secret = password or secrets.token_urlsafe(24)
     try:
         args = setuser_command(user, secret, worker_id)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    auth = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(secret, safe='')}"
-    click.echo(f"# worker: CELERY_BROKER_URL=redis://{auth}@HOST:6379/0", err=True)
+    url = settings.celery_broker_url if "celery_broker_url" in settings.model_fields_set else None
+    click.echo(f"# worker: CELERY_BROKER_URL={_worker_url(url, user, secret)}", err=True)
     click.echo(aclfile_line(user, secret, worker_id) if aclfile else " ".join(map(quote, args)))
+
+
+def _worker_url(url: str | None, user: str, secret: str) -> str:
+    """``url`` (``redis://``, ``rediss://``, ``unix://`` or ``sentinel://``) with ``user``
+    and ``secret`` (percent-encoded) as its credentials, everything else kept: a sentinel://
+    URL's sentinels, database, ``master`` and the sentinels' own credentials. Without a
+    ``url``: ``redis://user:secret@HOST:6379/0``, to fill in."""
+    auth = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(secret, safe='')}"
+    scheme, _, rest = (url or "redis://HOST:6379/0").partition("://")
+    address, question, query = rest.partition("?")
+    netloc, slash, path = address.partition("/")
+    return f"{scheme}://{auth}@{netloc.rpartition('@')[2]}{slash}{path}{question}{query}"
 
 
 main.add_command(remote.status)

@@ -20,7 +20,9 @@ from typing import IO, Any
 import httpx
 import pytest
 import redis
+from click.testing import CliRunner
 
+from oshepherd.cli import main
 from oshepherd.config import SentinelUrl
 from oshepherd.protocol import worker_key
 from oshepherd.redis_server import free_port, redis_executable
@@ -33,6 +35,7 @@ MASTER = "oshepherd"
 GENERATE = "/api/generate"
 CLIENT_TIMEOUT = 20.0  # seconds: every client call ends by then, or the test fails
 BACK_WITHIN = 15.0  # seconds from the kill to a new request served
+RESUBSCRIBED_WITHIN = 30.0  # seconds from the promotion to the API's Pub/Sub on the new primary
 
 
 def test_a_sentinel_url_gives_kombu_and_redis_py_their_forms() -> None:
@@ -46,6 +49,36 @@ def test_a_sentinel_url_gives_kombu_and_redis_py_their_forms() -> None:
     assert transport == "oshepherd.worker.transport:SentinelTransport"
     assert options["master_name"] == "m" and options["sentinel_kwargs"] == {"password": "s"}
     assert broker("redis://h:1/0")[:2] == ("redis://h:1/0", "oshepherd.worker.transport:Transport")
+
+
+@pytest.mark.parametrize(
+    ("configured", "printed"),
+    [
+        (
+            "sentinel://admin:x@h1:26380,[::1]/2?master=m&sentinel_password=s",
+            "sentinel://w:p%40ss@h1:26380,[::1]/2?master=m&sentinel_password=s",
+        ),
+        ("sentinel://h1,h2?master=m", "sentinel://w:p%40ss@h1,h2?master=m"),
+        (
+            "rediss://a:b@r.example:6380/1?ssl_cert_reqs=none",
+            "rediss://w:p%40ss@r.example:6380/1?ssl_cert_reqs=none",
+        ),
+        (None, "redis://w:p%40ss@HOST:6379/0"),
+    ],
+)
+def test_worker_acl_prints_the_configured_url_with_the_workers_user(
+    configured: str | None, printed: str
+) -> None:
+    """``oshepherd worker-acl``'s hint: the configured URL's form (sentinels and master kept)
+    with the new user's credentials; placeholders when no URL is configured."""
+    env = {"CELERY_BROKER_URL": configured, "REDIS_URL": None}
+    args = ["worker-acl", "--user", "w", "--password", "p@ss"]
+    result = CliRunner(env=env).invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"# worker: CELERY_BROKER_URL={printed}" in result.stderr
+    if printed.startswith("sentinel://"):
+        target = SentinelUrl.parse(printed)
+        assert (target.username, target.password) == ("w", "p@ss")
 
 
 @pytest.mark.parametrize(
@@ -219,6 +252,12 @@ class Load:
         return not any(thread.is_alive() for thread in self._threads)
 
 
+def pattern_subscriptions(port: int) -> int:
+    """The patterns subscribed on the Redis at ``port``: the API's one, once it is there."""
+    with redis.Redis(port=port, socket_timeout=1) as client:
+        return int(client.pubsub_numpat())
+
+
 def registered_since(url: str, worker_id: str, since: float) -> bool:
     """The worker's registry entry was written after ``since`` (epoch seconds)."""
     client = redis.Redis.from_url(url)
@@ -245,6 +284,9 @@ def test_killing_the_primary_under_load(sentinels: Sentinels, stack_log: IO[byte
         sentinels.kill_primary()
         wait_until(lambda: sentinels.master() == sentinels.replica_port, 15, "failover")
         promoted = time.monotonic() - killed
+        subscribed = partial(pattern_subscriptions, sentinels.replica_port)
+        wait_until(subscribed, RESUBSCRIBED_WITHIN, "the API's Pub/Sub on the new primary")
+        resubscribed = time.monotonic() - killed
         served = wait_until(lambda: load.served_since(killed), BACK_WITHIN, "served again")
         assert served is not None
         # Some more load on the new primary, then every client call must have ended.
@@ -266,8 +308,11 @@ def test_killing_the_primary_under_load(sentinels: Sentinels, stack_log: IO[byte
     failed = [o for o in outcomes if not o.ok and not o.error_line]
     summary = (
         f"{len(outcomes)} requests: {sum(o.ok for o in outcomes)} ok, "
-        f"{sum(o.error_line for o in outcomes)} error lines, {len(failed)} failed; "
-        f"promoted {promoted:.2f} s, served again {served - killed:.2f} s after the kill"
+        f"{sum(o.error_line for o in outcomes)} error lines, {len(failed)} failed "
+        f"({sum(o.status == 503 for o in outcomes)} 503s, "
+        f"{sum(o.status == 503 and o.sent > killed + promoted for o in outcomes)} sent after the "
+        f"promotion); promoted {promoted:.2f} s, "
+        f"Pub/Sub back {resubscribed:.2f} s, served again {served - killed:.2f} s after the kill"
     )
     print(summary)
     assert not twice, f"ran twice: {twice}"
