@@ -15,7 +15,7 @@ Python's warnings go the same way (logger ``py.warnings``).
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from contextvars import ContextVar
 from typing import Literal
 
@@ -44,8 +44,8 @@ request_id: ContextVar[str] = ContextVar("oshepherd_request_id", default="")
 
 
 def new_request_id() -> str:
-    """A fresh request id: 32 hex digits (uuid4)."""
-    return uuid.uuid4().hex
+    """A fresh request id: 32 random hex digits."""
+    return secrets.token_hex(16)
 
 
 def valid_request_id(value: bytes) -> str | None:

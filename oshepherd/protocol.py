@@ -19,9 +19,9 @@ relaying them costs no re-encoding.
 from __future__ import annotations
 
 import base64
+import secrets
 import time
 import typing
-import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -105,7 +105,7 @@ class ProtocolError(ValueError):
 
 def new_id() -> str:
     """A random id (32 hex digits) for a job or an API process."""
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def model_queue(model: str, tenant: str = "") -> str:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from oshepherd.api.auth import caller, check_model
+from oshepherd.api.autopipeline import AutoPipeline
 from oshepherd.api.errors import (
     ModelNotFound,
     NoHealthyWorker,
@@ -64,6 +65,7 @@ class Dispatcher:
         self, redis: Redis, inboxes: Inboxes, registry: Registry, settings: ApiSettings
     ) -> None:
         self._redis = redis
+        self._pipeline = AutoPipeline(redis)  # the enqueues of a loop turn, as one write
         self._inboxes = inboxes
         self._registry = registry
         self._queue_timeout = settings.queue_timeout
@@ -208,8 +210,8 @@ class Dispatcher:
             if admission is not None and admission.pending:  # the request's limits, at once
                 depth = await admission.enqueue(job.key, message, self._max_queue_depth)
             if depth is None:
-                depth = await self._enqueue_script(
-                    keys=[job.key], args=[message, self._max_queue_depth]
+                depth = await self._pipeline.run_script(
+                    self._enqueue_script, [job.key], [message, self._max_queue_depth]
                 )
         except RedisError as exc:
             raise RedisUnavailable(exc) from exc

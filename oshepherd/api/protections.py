@@ -23,6 +23,7 @@ Ollama's FAQ says (``OLLAMA_ORIGINS=chrome-extension://*``).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -186,6 +187,7 @@ def _hostname(host: str) -> str:
     return host.partition(":")[0] if host.count(":") == 1 else host
 
 
+@functools.lru_cache(maxsize=1024)  # parsing is most of the host check; Hosts repeat
 def _address(text: str) -> IPAddress | None:
     """``text`` as an IP address (an IPv4-mapped IPv6 one as IPv4), or None."""
     try:
