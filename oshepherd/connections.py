@@ -117,12 +117,31 @@ async def _ready(connection: AbstractConnection) -> bool:
 
 class _BlockingSentinelPool(SentinelConnectionPool, LeanBlockingPool):
     """Sentinel's pool of connections to the primary, waiting for a free connection (as
-    ``BlockingConnectionPool``) rather than refusing one past ``max_connections``."""
+    ``BlockingConnectionPool``) rather than refusing one past ``max_connections``; closed
+    (with its client), it closes its connections to the sentinels too."""
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            await self.sentinel_manager.aclose()
+
+
+class _SentinelPool(redis.sentinel.SentinelConnectionPool):
+    """redis-py's Sentinel pool that, closed (with its client), closes its
+    connections to the sentinels too."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.sentinel_manager.close()
 
 
 def async_redis(url: str, **options: Any) -> Redis:
     """A client of the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://`` or
-    ``sentinel://``); ``options`` are redis-py's connection options."""
+    ``sentinel://``); ``options`` are redis-py's connection options. Its ``aclose()``
+    closes its pool, and a sentinel-managed one's connections to the sentinels."""
     common: dict[str, Any] = {
         "max_connections": MAX_CONNECTIONS,
         "timeout": POOL_TIMEOUT,
@@ -150,14 +169,17 @@ def async_redis(url: str, **options: Any) -> Redis:
 
 def sync_redis(url: str, **options: Any) -> redis.Redis:
     """A blocking client of the Redis at ``url`` (as ``async_redis``), for the CLI and the
-    API's threads; a sentinel-managed one asks its sentinels for the primary."""
+    API's threads; a sentinel-managed one asks its sentinels for the primary, and its
+    ``close()`` (or leaving its ``with``) closes its connections to them too."""
     target = sentinel_url(url)
     if target is None:
         return redis.Redis.from_url(url, **options)
     sentinels = redis.sentinel.Sentinel(
         target.sentinels, sentinel_kwargs=_sentinel_kwargs(target, options)
     )
-    client: redis.Redis = sentinels.master_for(target.master, **target.master_kwargs, **options)
+    client: redis.Redis = sentinels.master_for(
+        target.master, connection_pool_class=_SentinelPool, **target.master_kwargs, **options
+    )
     return client
 
 
