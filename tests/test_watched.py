@@ -9,9 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from oshepherd.api.watched import WatchedResponse
+from oshepherd.api.watched import WatchedResponse, until_disconnect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
@@ -101,3 +102,43 @@ async def test_a_client_that_hangs_up_cancels_the_work_and_closes_it() -> None:
     response = Slow("/api/generate", NDJSON)
     assert await run(response, hang_up=True) == []
     assert response.closed
+
+
+async def test_a_cancel_from_elsewhere_stays_a_cancel_and_stops_the_watch() -> None:
+    """The server cancelling the request (its shutdown) is no hang-up: the work and the
+    watch on ``receive`` both end, and the caller sees CancelledError, not ClientDisconnect."""
+    watching = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def receive() -> Message:
+        watching.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+        raise AssertionError("unreachable")
+
+    task = asyncio.create_task(until_disconnect(receive, asyncio.sleep(60)))
+    await asyncio.wait_for(watching.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(stopped.wait(), 5)
+
+
+async def test_a_hang_up_during_the_work_is_client_disconnect() -> None:
+    hang_up = asyncio.Event()
+
+    async def receive() -> Message:
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        hang_up.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    with pytest.raises(ClientDisconnect):
+        await until_disconnect(receive, work())  # in this task: the watch cancels it
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # the cancel was taken back

@@ -258,18 +258,18 @@ def _respond(
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
-def _api_error(request: Request, exc: Exception) -> Response:
+async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(request.url.path, exc)
 
 
-def _http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
     return _respond(request.url.path, exc.status_code, message, exc.headers)
 
 
-def _validation_error(request: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's own parameter checks: a 400 like ours, not its 422 ``{"detail": [...]}``."""
     assert isinstance(exc, RequestValidationError)
     first: dict[str, Any] = next(iter(exc.errors()), {})
@@ -278,18 +278,20 @@ def _validation_error(request: Request, exc: Exception) -> Response:
     return _respond(request.url.path, 400, message)
 
 
-def _unexpected_error(request: Request, exc: Exception) -> Response:
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # A bug, not bad input: still an error body the client's parser understands. Starlette
     # re-raises ``exc`` after sending this, so uvicorn logs the traceback.
     return _respond(request.url.path, 500, "internal error")
 
 
-def _client_gone(request: Request, exc: Exception) -> Response:
+async def _client_gone(request: Request, exc: Exception) -> Response:
     # The client hung up while sending its body: nobody reads this answer, and it is no bug.
     return Response(status_code=CLIENT_CLOSED)
 
 
 def install_handlers(app: FastAPI) -> None:
+    """The gateway's error answers (coroutines: Starlette runs a plain function handler in
+    its thread pool, a thread hop for every 4xx and 5xx)."""
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
