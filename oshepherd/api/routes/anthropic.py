@@ -12,13 +12,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from oshepherd.api.routes.ollama import forward
+from oshepherd.api.routes.ollama import forward, route
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1")
+router = APIRouter()
 
 
-@router.post("/messages", response_model=None)
+@route("/v1/messages", ["POST"], router, slash=False)
 async def messages(request: Request) -> Response:
     return await forward(request, "/v1/messages", fields=("model",))

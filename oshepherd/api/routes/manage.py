@@ -79,9 +79,10 @@ async def delete(request: Request) -> Response:
 
 
 @route("/api/blobs/{digest}", ["HEAD"], router)
-async def blob_check(request: Request, digest: str) -> Response:
+async def blob_check(request: Request) -> Response:
     """200 when every healthy worker's host (or every chosen one) has the blob, else 404."""
     gw = gateway(request)
+    digest: str = request.path_params["digest"]
     if not DIGEST.fullmatch(digest):
         raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))
@@ -89,13 +90,14 @@ async def blob_check(request: Request, digest: str) -> Response:
 
 
 @route("/api/blobs/{digest}", ["POST"], router)
-async def blob_upload(request: Request, digest: str) -> Response:
+async def blob_upload(request: Request) -> Response:
     """Stream the body to every healthy worker's host (or every chosen one), through Redis
     (``oshepherd.api.blobs``): 201 once every host has the blob (200 when each already
     had it), else the error of the hosts that failed, e.g. 400 ``blob upload failed on
     <worker>: digest mismatch, expected "<digest>", got "<digest>"``.
     """
     gw = gateway(request)
+    digest: str = request.path_params["digest"]
     if not DIGEST.fullmatch(digest):
         raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))

@@ -19,40 +19,40 @@ from oshepherd.api.bodies import model_name, read_form
 from oshepherd.api.errors import ModelNotFound, json_response
 from oshepherd.api.gateway import gateway
 from oshepherd.api.relay import RelayResponse
-from oshepherd.api.routes.ollama import forward, merged
+from oshepherd.api.routes.ollama import forward, merged, route
 from oshepherd.models import entry_model, entry_name, normalize
 from oshepherd.protocol import binary_body
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1")
+router = APIRouter()
 MODEL_FIELD = ("model",)  # OpenAI's requests have no "name" alias
 DEFAULT_OWNER = "library"  # Ollama's namespace of a name without one
 
 
-@router.post("/chat/completions", response_model=None)
+@route("/v1/chat/completions", ["POST"], router, slash=False)
 async def chat_completions(request: Request) -> Response:
     return await forward(request, "/v1/chat/completions", fields=MODEL_FIELD)
 
 
-@router.post("/completions", response_model=None)
+@route("/v1/completions", ["POST"], router, slash=False)
 async def completions(request: Request) -> Response:
     return await forward(request, "/v1/completions", fields=MODEL_FIELD)
 
 
-@router.post("/embeddings", response_model=None)
+@route("/v1/embeddings", ["POST"], router, slash=False)
 async def embeddings(request: Request) -> Response:
     return await forward(request, "/v1/embeddings", fields=MODEL_FIELD)
 
 
-@router.post("/responses", response_model=None)
+@route("/v1/responses", ["POST"], router, slash=False)
 async def responses(request: Request) -> Response:
     """The Responses API (what Codex speaks), non-stateful as Ollama's ``openai/responses.go``:
     ``stream`` omitted means one response object, ``true`` its SSE events."""
     return await forward(request, "/v1/responses", fields=MODEL_FIELD)
 
 
-@router.post("/audio/transcriptions", response_model=None)
+@route("/v1/audio/transcriptions", ["POST"], router, slash=False)
 async def transcriptions(request: Request) -> Response:
     """A multipart upload (``file``, ``model``, ...) carried to the worker as its exact bytes
     and Content-Type (``Job.content_type``); Ollama's ``TranscriptionMiddleware`` answers
@@ -67,15 +67,16 @@ async def transcriptions(request: Request) -> Response:
     return RelayResponse(stream, request.url.path)
 
 
-@router.get("/models", response_model=None)
+@route("/v1/models", ["GET"], router, slash=False)
 async def list_models(request: Request) -> Response:
     entries = merged(request, "models")
     return json_response({"object": "list", "data": [_model(entry_name(e), e) for e in entries]})
 
 
-@router.get("/models/{model:path}", response_model=None)
-async def retrieve_model(request: Request, model: str) -> Response:
+@route("/v1/models/{model:path}", ["GET"], router, slash=False)
+async def retrieve_model(request: Request) -> Response:
     """One model, ``id`` echoed as asked (names hold ':' and '/', hence the path converter)."""
+    model: str = request.path_params["model"]
     wanted = normalize(model)
     check_model(wanted)
     for entry in merged(request, "models"):
