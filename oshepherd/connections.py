@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from typing import Any
 
@@ -52,6 +53,8 @@ class LeanBlockingPool(BlockingConnectionPool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._turns: deque[asyncio.Future[AbstractConnection]] = deque()
+        if sys.version_info < (3, 12):
+            self.connection_class = _writing_in_task(self.connection_class)
 
     async def get_connection(  # type: ignore[override]
         self, command_name: Any = None, *keys: Any, **options: Any
@@ -104,6 +107,39 @@ class LeanBlockingPool(BlockingConnectionPool):
             if isinstance(err, TimeoutError):
                 raise ConnectionError("No connection available.") from err
             raise
+
+
+class _WriteInTask:
+    """A connection that writes a command in the caller's task. redis-py writes under
+    ``asyncio.wait_for``, which on Python 3.11 wraps each write in a task of its own (3.12's
+    does not): a fifth of a small command's CPU (75 -> 55 us measured). This writes under
+    ``asyncio.timeout``, with the same ``socket_timeout`` and the same ``TimeoutError``."""
+
+    socket_timeout: float | None
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        timeout = self.socket_timeout
+        if not timeout:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        self.socket_timeout = None  # redis-py's write without wait_for, for this write
+        try:
+            async with asyncio.timeout(timeout):
+                await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except TimeoutError as exc:  # asyncio's: redis-py has disconnected, as it would
+            raise redis.exceptions.TimeoutError("Timeout writing to socket") from exc
+        finally:
+            self.socket_timeout = timeout
+
+
+_WRITING_IN_TASK: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _writing_in_task(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` with ``_WriteInTask``'s writes (one class per connection class)."""
+    if cls not in _WRITING_IN_TASK:
+        _WRITING_IN_TASK[cls] = type(cls.__name__, (_WriteInTask, cls), {})
+    return _WRITING_IN_TASK[cls]
 
 
 async def _ready(connection: AbstractConnection) -> bool:

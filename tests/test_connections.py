@@ -5,10 +5,13 @@ waiter gives its place up, and a connection Redis closed is reopened."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError
+from redis.exceptions import ConnectionError, TimeoutError
 
 from oshepherd.connections import LeanBlockingPool, async_redis
 from oshepherd.redis_server import EmbeddedRedis
@@ -83,3 +86,24 @@ async def test_a_connection_redis_closed_is_reopened(redis_server: EmbeddedRedis
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+async def test_a_write_redis_never_takes_times_out_and_drops_the_connection() -> None:
+    """A hung Redis (stopped) stops reading: a large write fills the socket and must fail
+    after the socket timeout with redis-py's TimeoutError, as without the write-in-task."""
+    with EmbeddedRedis() as server:
+        client = async_redis(server.url, socket_timeout=0.5)
+        try:
+            assert await client.ping()
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError, match="writing to socket"):
+                    await client.set("test-connections-big", b"x" * (64 << 20))
+                assert time.monotonic() - started < 5
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert await client.ping()  # a new connection, the broken one dropped
+        finally:
+            await client.aclose()
