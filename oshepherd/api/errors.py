@@ -260,13 +260,13 @@ def _respond(
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(request.url.path, exc)
+    return error_response(request.scope["path"], exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-    return _respond(request.url.path, exc.status_code, message, exc.headers)
+    return _respond(request.scope["path"], exc.status_code, message, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -275,13 +275,13 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     first: dict[str, Any] = next(iter(exc.errors()), {})
     where = ".".join(str(part) for part in first.get("loc", ())[1:])
     message = f"invalid value for '{where}': {first.get('msg', 'invalid')}"
-    return _respond(request.url.path, 400, message)
+    return _respond(request.scope["path"], 400, message)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # A bug, not bad input: still an error body the client's parser understands. Starlette
     # re-raises ``exc`` after sending this, so uvicorn logs the traceback.
-    return _respond(request.url.path, 500, "internal error")
+    return _respond(request.scope["path"], 500, "internal error")
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -102,7 +102,7 @@ async def blob_upload(request: Request) -> Response:
         raise BadRequest("invalid digest format")
     targets = await _targets(request, gw, lambda: _healthy(gw))
     upload = BlobUpload(gw.redis, gw.dispatcher, gw.inboxes, digest, targets)
-    return BlobUploadResponse(upload, request.url.path)
+    return BlobUploadResponse(upload, request.scope["path"])
 
 
 async def _progress(request: Request, action: str, *, holders: bool) -> Response:

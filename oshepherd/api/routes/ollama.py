@@ -76,7 +76,7 @@ async def forward(
     if residency is not None and (kind := residency(body.data)):
         return await load_or_unload(request, path, body.text, model, kind)
     stream = await gw.dispatcher.submit("POST", path, body.text, model)
-    return RelayResponse(stream, request.url.path)
+    return RelayResponse(stream, request.scope["path"])
 
 
 async def load_or_unload(
@@ -100,10 +100,10 @@ async def load_or_unload(
         if targets:
             fanout = Fanout(gw.dispatcher, "unload", targets, progress=False)
             await fanout.start("POST", path, text, residency=UNLOAD)
-            return FanoutResponse(fanout, "first", request.url.path)
+            return FanoutResponse(fanout, "first", request.scope["path"])
     stream = await gw.dispatcher.submit("POST", path, text, model, residency=residency)
     return RelayResponse(
-        stream, request.url.path, settle=lambda: gw.dispatcher.refresh_registry(max_age=0.0)
+        stream, request.scope["path"], settle=lambda: gw.dispatcher.refresh_registry(max_age=0.0)
     )
 
 

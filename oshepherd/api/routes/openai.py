@@ -64,7 +64,7 @@ async def transcriptions(request: Request) -> Response:
     stream = await gw.dispatcher.submit(
         "POST", "/v1/audio/transcriptions", body, model, content_type=form.content_type
     )
-    return RelayResponse(stream, request.url.path)
+    return RelayResponse(stream, request.scope["path"])
 
 
 @route("/v1/models", ["GET"], router, slash=False)
