@@ -27,6 +27,20 @@ def tag_names(url: str) -> set[str]:
     return {m["name"] for m in httpx.get(url + "/api/tags", timeout=5).json()["models"]}
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """The loop of the anyio tests: asyncio, as the API's and the workers' (uvloop's)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own, which it may stop and start again."""
+    running = EmbeddedRedis().start()
+    yield running
+    running.close()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:

@@ -19,11 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(20)]
 KEY = "test-autopipeline"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_one_turns_commands_share_one_connection(redis_server: EmbeddedRedis) -> None:
     client = async_redis(redis_server.url)
     try:

@@ -16,11 +16,6 @@ from oshepherd.api.errors import CLIENT_CLOSED, install_handlers
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def app() -> FastAPI:
     app = FastAPI()
     install_handlers(app)

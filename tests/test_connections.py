@@ -19,11 +19,6 @@ from oshepherd.redis_server import EmbeddedRedis
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(20)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def _block(client: Redis, seconds: float) -> object:
     """Hold one connection for ``seconds`` (a BLPOP on a list nobody pushes to)."""
     return await client.blpop(["test-connections-nothing"], timeout=seconds)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -20,18 +20,6 @@ from oshepherd.redis_server import EmbeddedRedis
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(30)]
 
 ATTEMPTS_AWAY = 4  # failed attempts to subscribe before Redis comes back
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def server() -> Iterator[EmbeddedRedis]:
-    running = EmbeddedRedis().start()
-    yield running
-    running.close()
 
 
 def _records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:

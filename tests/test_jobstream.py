@@ -21,11 +21,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(10)]
 NDJSON = "application/x-ndjson"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Fleet:
     """What the dispatcher would answer: which workers live, what was cancelled and re-run."""
 

@@ -15,11 +15,6 @@ CHANNEL = "oshepherd:job:api:j1"
 NDJSON = "application/x-ndjson"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Publisher:
     """Redis's PUBLISH, recorded: the frames as the API would decode them."""
 

@@ -7,7 +7,6 @@ not turn into a flood of registry reads."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -21,18 +20,6 @@ from oshepherd.protocol import CANCEL_ALL, Job, cancel_key, celery_message, mode
 from oshepherd.redis_server import EmbeddedRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(30)]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def server() -> Iterator[EmbeddedRedis]:
-    running = EmbeddedRedis().start()
-    yield running
-    running.close()
 
 
 async def test_a_cancel_redis_refused_is_retried_once_it_answers(server: EmbeddedRedis) -> None:

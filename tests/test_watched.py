@@ -20,11 +20,6 @@ NDJSON = [(b"content-type", b"application/x-ndjson")]
 SSE = [(b"content-type", b"text/event-stream")]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Broken(WatchedResponse):
     """Sends ``headers`` (unless None), one line, then fails as a bug would."""
 
