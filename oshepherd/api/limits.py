@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from oshepherd import usage
+from oshepherd.api.autopipeline import AutoPipeline
 from oshepherd.api.errors import TooManyRequests
 from oshepherd.keys import ApiKey
 from oshepherd.protocol import (
@@ -124,6 +125,7 @@ class Limiter:
     def __init__(self, *, lease_ttl: float) -> None:
         self._lease_ttl = lease_ttl
         self._redis: Redis | None = None
+        self._pipeline: AutoPipeline | None = None  # the admissions of a loop turn, together
         self._leases: dict[str, str] = {}  # live lease id -> its zset
         self._ids = itertools.count()
         self._prefix = new_id()[:12] + ":"
@@ -136,6 +138,7 @@ class Limiter:
 
     def start(self, redis: Redis) -> None:
         self._redis = redis
+        self._pipeline = AutoPipeline(redis)
         self._renewing = asyncio.create_task(self._renew_forever())
 
     async def stop(self) -> None:
@@ -163,10 +166,10 @@ class Limiter:
 
     async def enqueue(self, admission: Admission, queue: str, message: bytes, depth: int) -> int:
         """Check ``admission``'s limits and push ``message`` on ``queue`` if they let it
-        through (``protocol.admitted_enqueue_script``, one EVALSHA; loaded again if Redis
-        lost it): the list's new depth, -1 when full (the admission stays pending). Raises
+        through (``protocol.admitted_enqueue_script``, one EVALSHA, in one pipeline with
+        the loop turn's other admissions; loaded again if Redis lost it): the list's new depth, -1 when full (the admission stays pending). Raises
         ``TooManyRequests``, ``RedisError``."""
-        assert self._redis is not None and admission.key is not None
+        assert self._pipeline is not None and admission.key is not None
         key, tenant = admission.key, admission.tenant
         now = time.time()
         lease = f"{self._prefix}{next(self._ids)}" if key.max_concurrent is not None else ""
@@ -174,8 +177,8 @@ class Limiter:
         for attempt in (0, 1):
             sha = self._sha or await self._load()
             try:
-                verdict, failing, retry_ms, pushed = await self._redis.evalsha(
-                    sha, 4, *keys, queue, message, depth, *args
+                verdict, failing, retry_ms, pushed = await self._pipeline.execute(
+                    "EVALSHA", sha, 4, *keys, queue, message, depth, *args
                 )
             except NoScriptError:
                 self._sha = None
