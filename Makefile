@@ -7,10 +7,12 @@ JS := tests/js/node_modules/.installed
 # with sudo); OSHEPHERD_SKIP_BROWSER=1 skips both the install and those tests.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: up test lint bench clean browser
+.PHONY: up test lint bench clean browser venv
 
 up: $(VENV)/.installed
 	$(VENV)/bin/oshepherd up $(foreach url,$(OLLAMA),--ollama $(url))
+
+venv: $(VENV)/.installed  # the virtualenv alone (make up and make test make it too)
 
 test: $(VENV)/.installed $(JS) browser
 	$(PY) -m pytest

@@ -81,6 +81,11 @@ class EmbeddedRedis:
             client.close()
 
     @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The server's process once started, else None."""
+        return self._process
+
+    @property
     def pid(self) -> int | None:
         """The process id of the running server, or None."""
         return self._process.pid if self._process is not None else None

@@ -222,22 +222,29 @@ class Stack:
         return component
 
     def wait(self) -> Component | None:
-        """Block until Ctrl-C or SIGTERM (None), or until a component exits (that one)."""
+        """Block until Ctrl-C (SIGINT) or SIGTERM (None), or until a component or the
+        embedded Redis exits (that one; the embedded Redis as a ``Component`` named "the
+        embedded Redis"). SIGINT is handled even when this process started with it ignored
+        (a background job of a non-interactive shell)."""
 
-        def on_term(signum: int, frame: object) -> None:
+        def on_signal(signum: int, frame: object) -> None:
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_term)
+        watched = list(self.components)
+        if self._embedded is not None and self._embedded.process is not None:
+            watched.append(Component("the embedded Redis", self._embedded.process))
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while True:
-                exited = [c for c in self.components if not c.alive()]
+                exited = [c for c in watched if not c.alive()]
                 if exited:
                     return exited[0]
                 time.sleep(0.2)
         except KeyboardInterrupt:
             return None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def stop(self) -> None:
         """Workers first (they finish their jobs), then the API, then Redis."""

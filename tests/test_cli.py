@@ -40,8 +40,12 @@ def host() -> Iterator[StandIn]:
 def test_up_runs_the_whole_stack_with_an_embedded_redis_and_stops_it(host: StandIn) -> None:
     port = free_port()
     command = [sys.executable, "-m", "oshepherd", "up", "--ollama", host.url, "--port", str(port)]
-    up = subprocess.Popen(
-        command, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    up = subprocess.Popen(  # SIGINT ignored, as in a background job of a script
+        command,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -91,7 +95,12 @@ def test_up_with_a_redis_that_does_not_answer_fails_in_one_line(host: StandIn) -
     assert result.stderr.strip().splitlines()[-1].startswith("Error: Redis at redis://127.0.0.1:")
 
 
-def test_up_fails_when_a_part_dies_and_stops_the_rest(host: StandIn, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("process", "name"), [("start-api", "api"), ("redis-server", "the embedded Redis")]
+)
+def test_up_fails_when_a_part_dies_and_stops_the_rest(
+    host: StandIn, tmp_path: Path, process: str, name: str
+) -> None:
     port = free_port()
     log = tmp_path / "up.log"
     with log.open("w") as stderr:  # the stack's logs too: a pipe nobody reads would fill
@@ -99,14 +108,13 @@ def test_up_fails_when_a_part_dies_and_stops_the_rest(host: StandIn, tmp_path: P
     try:
         wait_until(lambda: tag_names(f"http://127.0.0.1:{port}") == {"llama3:latest"}, 40, "up")
         children = psutil.Process(up.pid).children(recursive=True)
-        api = next(c for c in children if "start-api" in c.cmdline())
-        api.kill()
+        part = next(c for c in children if any(process in word for word in c.cmdline()))
+        part.kill()
         assert up.wait(timeout=60) == 1
         output = log.read_text()
         assert "Traceback" not in output
-        assert (
-            output.strip().splitlines()[-1] == "Error: api exited with code -9; stopped the stack"
-        )
+        last = output.strip().splitlines()[-1]
+        assert last == f"Error: {name} exited with code -9; stopped the stack"
         _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
     finally:
@@ -144,3 +152,21 @@ def test_bad_settings_are_refused_with_a_clear_message(tmp_path: Path) -> None:
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "concurrency" in result.stderr and "ollama_base_url" in result.stderr
+
+
+def test_a_worker_says_at_once_when_its_ollama_does_not_answer(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """A wrong Ollama URL is a warning on the first poll, not silence until Ollama has
+    answered once and then stopped."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    log = tmp_path / "worker.log"
+    env = clean_env(CELERY_BROKER_URL=redis_server.url, OLLAMA_BASE_URL=nowhere)
+    with log.open("w") as stderr:
+        command = [sys.executable, "-m", "oshepherd", "start-worker"]
+        worker = subprocess.Popen(command, env=env, stderr=stderr)
+    try:
+        wait_until(lambda: f"Ollama at {nowhere} is unreachable" in log.read_text(), 30, "warning")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)

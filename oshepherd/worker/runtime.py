@@ -182,7 +182,7 @@ class WorkerRuntime:
             log.info(
                 "Ollama at %s answers (version %s)", self.settings.ollama_base_url, state.version
             )
-        elif self._state.healthy and not state.healthy:
+        elif not state.healthy and state.error != self._state.error:  # the first poll too
             log.warning(
                 "Ollama at %s is unreachable: %s", self.settings.ollama_base_url, state.error
             )
