@@ -220,6 +220,12 @@ def test_models_list_and_retrieve(client: openai.OpenAI, fleet: Fleet) -> None:
     one = client.models.retrieve("someone/custom:1b")
     assert (one.id, one.owned_by) == ("someone/custom:1b", "someone")
     assert client.models.retrieve("LLAMA3").id == "LLAMA3"  # echoed as asked, matched like Ollama
+    # Ollama's default host and namespace: the same model (types/model/name.go)
+    assert client.models.retrieve("registry.ollama.ai/library/llama3").owned_by == "library"
+    chat = client.chat.completions.create(
+        model="library/llama3", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert chat.model == "library/llama3"
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:

@@ -35,6 +35,7 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from oshepherd import durations
+from oshepherd.models import normalize
 from oshepherd.stack import wait_until
 from oshepherd.testing import compat
 
@@ -74,7 +75,9 @@ def _full(name: str) -> str:
 
 
 def _key(name: str) -> str:
-    return _full(name).lower()
+    """The name Ollama matches ``name`` by: ``ParseName`` then ``DisplayShortest``, case
+    folded (``library/llama3`` is ``llama3:latest``), as ``oshepherd.models.normalize``."""
+    return normalize(name)
 
 
 def _name(value: Any) -> str:
