@@ -167,8 +167,9 @@ class Limiter:
     async def enqueue(self, admission: Admission, queue: str, message: bytes, depth: int) -> int:
         """Check ``admission``'s limits and push ``message`` on ``queue`` if they let it
         through (``protocol.admitted_enqueue_script``, one EVALSHA, in one pipeline with
-        the loop turn's other admissions; loaded again if Redis lost it): the list's new depth, -1 when full (the admission stays pending). Raises
-        ``TooManyRequests``, ``RedisError``."""
+        the loop turn's other admissions; loaded again if Redis lost it): the list's new
+        depth, -1 when full (the admission stays pending). Raises ``TooManyRequests``,
+        ``RedisError``."""
         assert self._pipeline is not None and admission.key is not None
         key, tenant = admission.key, admission.tenant
         now = time.time()
