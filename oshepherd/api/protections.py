@@ -43,6 +43,7 @@ __all__ = [
     "OllamaCORS",
     "OriginCheck",
     "allowed_host",
+    "cors_origin",
     "is_local_address",
     "listens_on_loopback",
     "origin_regex",
@@ -122,26 +123,40 @@ class OriginCheck:
         self._allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._passes(Headers(scope=scope)):
-            await _forbidden()(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            origin = cors_origin(Headers(scope=scope))
+            if origin is not None and not self._allowed(origin):
+                await _forbidden()(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
-    def _passes(self, headers: Headers) -> bool:
-        origin = headers.get("origin", "")
-        if not origin:
-            return True
-        host = headers.get("host", "")
-        if origin in (f"http://{host}", f"https://{host}"):
-            return True  # the page's own server (fetch sends Origin on POST), no CORS
-        return self._allowed(origin)
+
+def cors_origin(headers: Headers) -> str | None:
+    """The ``Origin`` of a CORS request, or None for a request that is none: without
+    ``Origin``, or from the page's own server (fetch sends ``Origin`` on a POST), as
+    gin-contrib/cors's ``applyCors`` tells them apart."""
+    origin = headers.get("origin", "")
+    if not origin:
+        return None
+    host = headers.get("host", "")
+    if origin in (f"http://{host}", f"https://{host}"):
+        return None
+    return origin
 
 
 class OllamaCORS(CORSMiddleware):
     """Starlette's CORS headers, with gin-contrib/cors's answer to a preflight: 204 and no
     body. Behind ``OriginCheck`` every origin that reaches it is allowed; as in
     gin-contrib/cors, the browser, not the server, compares the requested method and
-    headers with the lists granted."""
+    headers with the lists granted. A request that is no CORS request (``cors_origin``)
+    gets no CORS header at all, not even ``Vary: Origin``, as from gin-contrib/cors, and
+    costs no wrapper around its answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and cors_origin(Headers(scope=scope)) is None:
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         answer = super().preflight_response(request_headers)
