@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from typing import IO
 
 import httpx
@@ -163,7 +164,9 @@ def test_metrics_need_an_admin_key_or_the_token_once_keys_exist(
         user, user_key = store.create({"name": "metrics-user"})
         try:
             url = second_api.url
-            wait_until(lambda: httpx.get(url + "/metrics").status_code == 401, 10, "keys on")
+            keys_on = [f"{api}/metrics" for api in (url, fleet.url)]  # each replica on its own
+            for scrape_url in keys_on:
+                wait_until(partial(_refused, scrape_url), 10, f"keys on at {scrape_url}")
             for path in ("/metrics", "/metrics/fleet"):
                 assert httpx.get(url + path).status_code == 401
                 bearer = {"Authorization": f"Bearer {admin}"}
@@ -186,3 +189,8 @@ def test_metrics_need_an_admin_key_or_the_token_once_keys_exist(
         finally:
             store.revoke(admin_key.id)
             store.revoke(user_key.id)
+
+
+def _refused(url: str) -> bool:
+    """Whether ``url`` answers 401: that API process has loaded a key table with keys."""
+    return httpx.get(url).status_code == 401
