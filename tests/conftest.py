@@ -3,7 +3,7 @@ Ollama stand-ins (the one test double: an external system we cannot install here
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +59,26 @@ def new_fleet(server: EmbeddedRedis, log: IO[bytes]) -> Fleet:
     return Fleet(fresh_database(server), log, worker=WORKER_SETTINGS)
 
 
+def _listed(models: Iterable[str]) -> list[str]:
+    """``models`` as ``/api/tags`` lists them: with ``:latest`` when they have no tag."""
+    return [m if ":" in m.rpartition("/")[2] else f"{m}:latest" for m in models]
+
+
+@contextmanager
+def one_host(server: EmbeddedRedis, log: IO[bytes], *models: str, **api: Any) -> Iterator[Fleet]:
+    """The smallest fleet: a host with ``models``, its worker, one API (``api``: its
+    settings)."""
+    fleet = new_fleet(server, log)
+    try:
+        host = fleet.standin(*models)
+        fleet.start_api(**api)
+        fleet.worker(host)
+        fleet.wait_for_models(*_listed(models))
+        yield fleet
+    finally:
+        fleet.stop()
+
+
 @contextmanager
 def two_hosts(
     server: EmbeddedRedis,
@@ -75,9 +95,7 @@ def two_hosts(
         fleet.start_api()
         for host, worker_id in zip(hosts, worker_ids, strict=True):
             fleet.worker(host, worker_id=worker_id)
-        fleet.wait_for_models(
-            *(m if ":" in m.rpartition("/")[2] else f"{m}:latest" for m in {*first, *second})
-        )
+        fleet.wait_for_models(*_listed({*first, *second}))
         yield fleet
     finally:
         fleet.stop()

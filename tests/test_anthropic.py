@@ -15,7 +15,7 @@ from anthropic.types import MessageParam, TextBlock, ToolParam, ToolUseBlock
 from oshepherd.api.errors import error_body, error_line
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
-from tests.conftest import new_fleet
+from tests.conftest import one_host
 
 TEXT = "tok0 tok1 tok2 tok3 tok4 "
 HELLO: list[MessageParam] = [{"role": "user", "content": "hello"}]
@@ -40,13 +40,8 @@ EVENTS = [
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    host = fleet.standin("llama3")
-    fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest")
-    yield fleet
-    fleet.stop()
+    with one_host(redis_server, stack_log, "llama3") as fleet:
+        yield fleet
 
 
 @pytest.fixture

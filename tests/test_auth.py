@@ -24,7 +24,7 @@ from oshepherd.keys import KeyStore
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet, fresh_database
-from tests.conftest import new_fleet
+from tests.conftest import one_host
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -45,13 +45,8 @@ class Keys:
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    host = fleet.standin("llama3", "qwen2:7b")
-    fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest", "qwen2:7b")
-    yield fleet
-    fleet.stop()
+    with one_host(redis_server, stack_log, "llama3", "qwen2:7b") as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")

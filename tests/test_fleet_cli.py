@@ -19,7 +19,7 @@ from oshepherd.keys import KeyStore
 from oshepherd.redis_server import EmbeddedRedis, free_port
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
-from tests.conftest import new_fleet
+from tests.conftest import two_hosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -27,16 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
     """Two hosts (alpha: llama3, beta: qwen2), a worker each, one API."""
-    fleet = new_fleet(redis_server, stack_log)
-    try:
-        alpha, beta = fleet.standin("llama3"), fleet.standin("qwen2:7b")
-        fleet.start_api()
-        fleet.worker(alpha, worker_id="alpha")
-        fleet.worker(beta, worker_id="beta")
-        fleet.wait_for_models("llama3:latest", "qwen2:7b")
+    with two_hosts(
+        redis_server, stack_log, ["llama3"], ["qwen2:7b"], worker_ids=("alpha", "beta")
+    ) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def oshepherd(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from schemathesis import Case, HookContext
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
-from tests.conftest import new_fleet
+from tests.conftest import one_host
 from tests.test_bad_input import assert_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -48,13 +48,8 @@ def flatmap_body(context: HookContext, body: Any) -> st.SearchStrategy[Any]:
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    host = fleet.standin(*MODELS)
-    fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest", "gemma4:latest", "embeddinggemma:latest")
-    yield fleet
-    fleet.stop()
+    with one_host(redis_server, stack_log, *MODELS) as fleet:
+        yield fleet
 
 
 @schema.parametrize()

@@ -24,7 +24,7 @@ from oshepherd.keys import KeyStore
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.stack import Component, wait_until
 from oshepherd.testing.fleet import Fleet
-from tests.conftest import new_fleet
+from tests.conftest import one_host
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -40,15 +40,8 @@ SURFACES: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    try:
-        host = fleet.standin("llama3")
-        fleet.start_api(lease_ttl=LEASE_TTL)
-        fleet.worker(host)
-        fleet.wait_for_models("llama3:latest")
+    with one_host(redis_server, stack_log, "llama3", lease_ttl=LEASE_TTL) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from oshepherd.config import ApiSettings
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
-from tests.conftest import new_fleet
+from tests.conftest import one_host
 from tests.test_bad_input import assert_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -31,14 +31,8 @@ PHOTO_BYTES = 3 * MiB
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
     """One host and an API with default settings (no MAX_BODY_BYTES)."""
-    fleet = new_fleet(redis_server, stack_log)
-    try:
-        fleet.worker(fleet.standin("llava"))
-        fleet.start_api()
-        fleet.wait_for_models("llava:latest")
+    with one_host(redis_server, stack_log, "llava") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def test_a_chat_holding_ten_3_mib_photos_reaches_the_host(fleet: Fleet) -> None:

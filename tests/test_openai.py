@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from oshepherd.redis_server import EmbeddedRedis
 from oshepherd.testing.fleet import Fleet
-from tests.conftest import new_fleet
+from tests.conftest import one_host
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -39,13 +39,8 @@ FORM, FORM_TYPE = _FORM.read(), _FORM.headers["content-type"]
 
 @pytest.fixture(scope="module")
 def fleet(redis_server: EmbeddedRedis, stack_log: IO[bytes]) -> Iterator[Fleet]:
-    fleet = new_fleet(redis_server, stack_log)
-    host = fleet.standin("llama3", "someone/custom:1b")
-    fleet.start_api()
-    fleet.worker(host)
-    fleet.wait_for_models("llama3:latest", "someone/custom:1b")
-    yield fleet
-    fleet.stop()
+    with one_host(redis_server, stack_log, "llama3", "someone/custom:1b") as fleet:
+        yield fleet
 
 
 @pytest.fixture
