@@ -15,7 +15,7 @@ import redis
 
 from bench.fleet import Lab
 from bench.harness import Profile, errors_of, measure
-from bench.latency import SLOTS, TINY, TINY_TOKENS, _generate
+from bench.latency import SLOTS, TINY, TINY_TOKENS, generate_request
 from bench.load import Run
 from bench.report import Row
 from oshepherd.stack import wait_until
@@ -63,7 +63,7 @@ def _run(fleet: Fleet, n: int, profile: Profile) -> Run:
         )
     fleet.wait_for_models(TINY)
     try:
-        make = _generate(TINY, TINY_TOKENS, False)
+        make = generate_request(TINY, TINY_TOKENS, False)
         pids = fleet.pids()
         out = measure(
             {f"N={n}": fleet.url},

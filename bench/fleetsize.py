@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -41,8 +40,8 @@ from redis.asyncio import Redis as AsyncRedis
 from bench.fakeworkers import fake_models
 from bench.fleet import Lab
 from bench.harness import Profile, measure, percentile
-from bench.latency import TINY, TINY_TOKENS
-from bench.load import Request, Run
+from bench.latency import TINY, TINY_TOKENS, generate_request
+from bench.load import Run
 from bench.report import Row
 from oshepherd.api.registry import Registry
 from oshepherd.protocol import WORKERS_INDEX, WorkerEntry, worker_key
@@ -59,7 +58,6 @@ SLOTS = 16
 IDLE = 5.0  # seconds of each idle window
 REFRESHES = 50
 TAGS_CALLS = 400
-BODY = orjson.dumps({"model": TINY, "prompt": "why is the sky blue?", "stream": True})
 
 
 def fleet100(lab: Lab, profile: Profile) -> list[Row]:
@@ -270,9 +268,7 @@ def _request_rows(small: Fleet, big: Fleet, profile: Profile) -> list[Row]:
     runs: dict[str, list[Run]] = {n: [] for n in fleets}
     commands: dict[str, list[tuple[int, float]]] = {n: [] for n in fleets}
     per_round = max(1, profile.latency_requests // profile.rounds)
-    make: Callable[[str], Request] = lambda base: Request(  # noqa: E731
-        base + "/api/generate", BODY, True, TINY_TOKENS + 1
-    )
+    make = generate_request(TINY, TINY_TOKENS, True)
     for round_ in range(profile.rounds):
         for name, fleet in fleets.items():
             before = probes[name].read()
@@ -289,9 +285,7 @@ def _throughput_rows(
 ) -> list[Row]:
     """Each fleet at concurrency 32 for ``profile.seconds``, after an idle window as long:
     Redis's CPU, command time (commandstats usec) and commands per request, net of idle."""
-    make: Callable[[str], Request] = lambda base: Request(  # noqa: E731
-        base + "/api/generate", BODY, True, TINY_TOKENS + 1
-    )
+    make = generate_request(TINY, TINY_TOKENS, True)
     found: dict[str, tuple[list[float], dict[str, float]]] = {}
     for name, fleet in fleets.items():
         window = []

@@ -11,13 +11,14 @@ turn for ``rounds`` rounds.
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
-import orjson
 import redis
 
 from bench.fleet import Lab
 from bench.harness import Profile, measure
-from bench.latency import TINY, TINY_TOKENS, percentile_rows
+from bench.latency import TINY, TINY_TOKENS, generate_request, percentile_rows
 from bench.load import Request
 from bench.report import Row, Target
 from oshepherd.keys import KeyStore
@@ -27,7 +28,6 @@ from oshepherd.testing.fleet import Fleet
 __all__ = ["keys_overhead"]
 
 LIMITS = {"max_concurrent": 1000, "rpm": 10_000_000, "tokens_per_day": 10**15}
-BODY = orjson.dumps({"model": TINY, "prompt": "why is the sky blue?", "stream": True})
 
 
 def keys_overhead(lab: Lab, profile: Profile) -> list[Row]:
@@ -38,9 +38,10 @@ def keys_overhead(lab: Lab, profile: Profile) -> list[Row]:
         secret = _key(keyed)
         headers = {keyed.url: {"Authorization": f"Bearer {secret}"}}
 
+        tiny = generate_request(TINY, TINY_TOKENS, True)
+
         def make(base: str) -> Request:
-            return Request(base + "/api/generate", BODY, True, TINY_TOKENS + 1,
-                           headers=headers.get(base, {}))  # fmt: skip
+            return dataclasses.replace(tiny(base), headers=headers.get(base, {}))
 
         runs = measure(
             {"direct": open_fleet.url, "gateway": keyed.url},

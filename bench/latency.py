@@ -18,7 +18,7 @@ from bench.load import Request, Run, Sample
 from bench.report import Row, Target
 from oshepherd.testing.fleet import Fleet
 
-__all__ = ["FIGURES", "percentile_rows", "run"]
+__all__ = ["FIGURES", "generate_request", "percentile_rows", "run"]
 
 FIGURES = ("a", "b", "c", "d")
 TINY, TINY_TOKENS = "tiny:latest", 5
@@ -26,7 +26,7 @@ LONG, LONG_TOKENS = "long:latest", 200
 SLOTS = 64
 
 
-def _generate(model: str, tokens: int, stream: bool) -> Callable[[str], Request]:
+def generate_request(model: str, tokens: int, stream: bool) -> Callable[[str], Request]:
     """A /api/generate for ``model`` at a base URL; a stream has one line per token + done."""
     body = orjson.dumps({"model": model, "prompt": "why is the sky blue?", "stream": stream})
     lines = tokens + 1 if stream else None
@@ -89,7 +89,7 @@ def _ttft(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
     for concurrency, count in ((1, profile.latency_requests), (64, profile.ttft64_requests)):
         runs = measure(
             _paths(fleet, direct),
-            _generate(TINY, TINY_TOKENS, True),
+            generate_request(TINY, TINY_TOKENS, True),
             concurrency,
             count=count,
             rounds=profile.rounds,
@@ -104,7 +104,7 @@ def _latency(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
     """b. Latency of a non-streaming /api/generate, at concurrency 1."""
     runs = measure(
         _paths(fleet, direct),
-        _generate(TINY, TINY_TOKENS, False),
+        generate_request(TINY, TINY_TOKENS, False),
         1,
         count=profile.latency_requests,
         rounds=profile.rounds,
@@ -114,7 +114,7 @@ def _latency(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
 
 def _requests_per_second(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
     """c. Tiny non-streaming requests per second at concurrency 32."""
-    make = _generate(TINY, TINY_TOKENS, False)
+    make = generate_request(TINY, TINY_TOKENS, False)
     runs = measure(_paths(fleet, direct), make, 32, seconds=profile.seconds, cpu=fleet.pids())
     rate = _rate_row("c", "tiny requests/s c=32", "req/s", runs, profile, "request")
     return [rate, *_cpu_rows(runs["gateway"][0])]
@@ -145,7 +145,7 @@ def _cpu_rows(run: Run) -> list[Row]:
 
 def _lines_per_second(fleet: Fleet, direct: str, profile: Profile) -> list[Row]:
     """d. Streamed NDJSON lines per second, 16 concurrent 200-token streams, one API."""
-    make = _generate(LONG, LONG_TOKENS, True)
+    make = generate_request(LONG, LONG_TOKENS, True)
     runs = measure(_paths(fleet, direct), make, 16, seconds=profile.seconds, cpu=fleet.pids())
     label = f"lines/s, 16 streams × {LONG_TOKENS} tokens"
     return [_rate_row("d", label, "lines/s", runs, profile, "line")]

@@ -16,13 +16,11 @@ from __future__ import annotations
 import time
 
 import httpx
-import orjson
 import redis
 
 from bench.fleet import Lab
 from bench.harness import Profile, measure, percentile
-from bench.latency import TINY, TINY_TOKENS, percentile_rows
-from bench.load import Request
+from bench.latency import TINY, TINY_TOKENS, generate_request, percentile_rows
 from bench.report import Row, Target
 from oshepherd.protocol import WORKERS_INDEX, WorkerEntry, worker_key, worker_stats_key
 from oshepherd.stack import wait_until
@@ -30,7 +28,6 @@ from oshepherd.testing.fleet import Fleet
 
 __all__ = ["metrics_overhead", "scrape"]
 
-BODY = orjson.dumps({"model": TINY, "prompt": "why is the sky blue?", "stream": True})
 WORKERS = 100
 MODELS = 20
 MODELS_EACH = 4
@@ -48,7 +45,7 @@ def metrics_overhead(lab: Lab, profile: Profile) -> list[Row]:
             fleet.wait_for_models(TINY)
         runs = measure(
             {"direct": off.url, "gateway": on.url},
-            lambda base: Request(base + "/api/generate", BODY, True, TINY_TOKENS + 1),
+            generate_request(TINY, TINY_TOKENS, True),
             1,
             count=profile.latency_requests,
             rounds=profile.rounds,
