@@ -3,6 +3,8 @@ Ollama stand-ins (the one test double: an external system we cannot install here
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,15 @@ WORKER_SETTINGS: dict[str, Any] = {
     "ping_interval": 0.5,
     "concurrency": 4,
 }
+
+
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """``oshepherd.stack.wait_until`` for a test on the event loop: poll ``predicate``
+    every 10 ms without blocking the loop; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
 
 
 def tag_names(url: str) -> set[str]:

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 
 from oshepherd.connections import LeanBlockingPool, async_redis
 from oshepherd.redis_server import EmbeddedRedis
+from tests.conftest import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(20)]
 
@@ -22,6 +23,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(20)]
 async def _block(client: Redis, seconds: float) -> object:
     """Hold one connection for ``seconds`` (a BLPOP on a list nobody pushes to)."""
     return await client.blpop(["test-connections-nothing"], timeout=seconds)
+
+
+def _busy(client: Redis) -> bool:
+    """Whether every connection of ``client``'s pool is in use."""
+    pool = client.connection_pool
+    return not pool._available_connections and bool(pool._in_use_connections)
+
+
+def _waiting(client: Redis) -> bool:
+    """Whether a command waits its turn for a connection of ``client``'s pool."""
+    pool = client.connection_pool
+    assert isinstance(pool, LeanBlockingPool)
+    return bool(pool._turns)
 
 
 async def _ping(client: Redis) -> bool:
@@ -48,7 +62,7 @@ async def test_a_wait_past_its_timeout_is_no_connection(redis_server: EmbeddedRe
     client = _client(redis_server, connections=1, timeout=0.2)
     try:
         blocked = asyncio.create_task(_block(client, 2))
-        await asyncio.sleep(0.05)  # the BLPOP holds the one connection
+        await until(lambda: _busy(client), 5, "the BLPOP holds the one connection")
         with pytest.raises(ConnectionError, match="No connection available"):
             await client.ping()
         assert await blocked is None  # then the queue moves on
@@ -61,9 +75,9 @@ async def test_a_cancelled_waiter_gives_its_turn_up(redis_server: EmbeddedRedis)
     client = _client(redis_server, connections=1, timeout=5)
     try:
         blocked = asyncio.create_task(_block(client, 0.3))
-        await asyncio.sleep(0.05)
+        await until(lambda: _busy(client), 5, "the BLPOP holds the one connection")
         waiter = asyncio.create_task(_ping(client))
-        await asyncio.sleep(0.05)
+        await until(lambda: _waiting(client), 5, "the PING waits its turn")
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter

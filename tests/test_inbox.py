@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -16,6 +15,7 @@ from oshepherd.api import inbox
 from oshepherd.api.inbox import LOST, RETRY_EVERY, Inboxes
 from oshepherd.connections import async_redis
 from oshepherd.redis_server import EmbeddedRedis
+from tests.conftest import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -24,14 +24,6 @@ ATTEMPTS_AWAY = 4  # failed attempts to subscribe before Redis comes back
 
 def _records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == inbox.__name__ and r.levelno == level]
-
-
-async def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 10 ms until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_the_pubsub_comes_back_promptly_and_logs_the_outage_once(
@@ -52,7 +44,7 @@ async def test_the_pubsub_comes_back_promptly_and_logs_the_outage_once(
         def attempts() -> int:
             return len(_records(caplog, logging.DEBUG))
 
-        await _until(lambda: attempts() >= ATTEMPTS_AWAY, 10, f"{ATTEMPTS_AWAY} attempts")
+        await until(lambda: attempts() >= ATTEMPTS_AWAY, 10, f"{ATTEMPTS_AWAY} attempts")
         # A steady cadence, not a busy loop: the first attempt after the drop, then one
         # every RETRY_EVERY s.
         assert attempts() <= (time.monotonic() - away) / RETRY_EVERY + 1

@@ -32,7 +32,7 @@ from oshepherd.redis_server import free_port, redis_executable
 from oshepherd.stack import wait_until
 from oshepherd.testing.fleet import Fleet
 from oshepherd.worker.celery_app import broker
-from tests.conftest import WORKER_SETTINGS
+from tests.conftest import WORKER_SETTINGS, until
 
 MASTER = "oshepherd"
 GENERATE = "/api/generate"
@@ -377,8 +377,5 @@ async def _closed_async_client_leaves_none(url: str, count: Callable[[], int]) -
     assert await client.ping()
     assert count() > before
     await client.aclose()
-    deadline = time.monotonic() + 5
-    while count() > before:
-        assert time.monotonic() < deadline, f"sentinel clients not back to {before}"
-        await asyncio.sleep(0.02)
+    await until(lambda: count() <= before, 5, f"sentinel clients back to {before}")
     assert client is not None
