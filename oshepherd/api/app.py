@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import math
-import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +32,6 @@ from oshepherd.api.protections import (
     CORS_METHODS,
     HostCheck,
     OllamaCORS,
-    OriginCheck,
     listens_on_loopback,
     origin_regex,
 )
@@ -120,12 +118,10 @@ def protections(settings: ApiSettings) -> list[Middleware]:
     """Ollama's middlewares, outermost first, in its ``GenerateRoutes`` order: the origin
     check and CORS headers (gin-contrib/cors), then the host check
     (``allowedHostsMiddleware``). See ``oshepherd.api.protections``."""
-    origins = re.compile(origin_regex(settings.ollama_origins))
     return [
-        Middleware(OriginCheck, allowed=lambda origin: origins.fullmatch(origin) is not None),
         Middleware(
             OllamaCORS,
-            allow_origin_regex=origins.pattern,
+            allow_origin_regex=origin_regex(settings.ollama_origins),
             allow_methods=CORS_METHODS,
             allow_headers=ALLOWED_HEADERS,
             max_age=CORS_MAX_AGE,

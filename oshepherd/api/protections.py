@@ -8,8 +8,8 @@ in this order, and so does ``create_app``:
    its ``AllowHeaders``. A request without ``Origin``, or whose ``Origin`` is its own
    ``http(s)://<Host>``, is no CORS request and passes. Any other origin that is not
    allowed gets **403 with an empty body, and nothing runs**, preflights included.
-   ``OriginCheck`` is that refusal; Starlette's ``CORSMiddleware`` (as ``OllamaCORS``)
-   writes the headers for allowed origins and answers their preflights with 204.
+   ``OllamaCORS`` makes that refusal, and Starlette's ``CORSMiddleware`` under it writes
+   the headers for allowed origins and answers their preflights with 204.
 2. ``allowedHostsMiddleware`` (with ``allowedHost`` and ``isLocalIP``): only when the
    server listens on a loopback address, a request whose ``Host`` is not local gets 403
    (DNS rebinding: a page on ``evil.example`` resolved to 127.0.0.1 must not reach the
@@ -27,7 +27,6 @@ import functools
 import ipaddress
 import re
 import socket
-from collections.abc import Callable
 
 import psutil
 from starlette.datastructures import Headers
@@ -41,7 +40,6 @@ __all__ = [
     "CORS_METHODS",
     "HostCheck",
     "OllamaCORS",
-    "OriginCheck",
     "allowed_host",
     "cors_origin",
     "is_local_address",
@@ -113,24 +111,6 @@ def _forbidden() -> Response:
     return Response(status_code=403)
 
 
-class OriginCheck:
-    """403 (empty body) for a cross-origin request whose ``Origin`` is not allowed, before
-    anything runs: gin-contrib/cors's ``applyCors`` refusal. ``allowed(origin)`` is the
-    origin policy; a request without ``Origin`` or from its own origin passes."""
-
-    def __init__(self, app: ASGIApp, allowed: Callable[[str], bool]) -> None:
-        self.app = app
-        self._allowed = allowed
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            origin = cors_origin(Headers(scope=scope))
-            if origin is not None and not self._allowed(origin):
-                await _forbidden()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def cors_origin(headers: Headers) -> str | None:
     """The ``Origin`` of a CORS request, or None for a request that is none: without
     ``Origin``, or from the page's own server (fetch sends ``Origin`` on a POST), as
@@ -145,18 +125,22 @@ def cors_origin(headers: Headers) -> str | None:
 
 
 class OllamaCORS(CORSMiddleware):
-    """Starlette's CORS headers, with gin-contrib/cors's answer to a preflight: 204 and no
-    body. Behind ``OriginCheck`` every origin that reaches it is allowed; as in
-    gin-contrib/cors, the browser, not the server, compares the requested method and
-    headers with the lists granted. A request that is no CORS request (``cors_origin``)
-    gets no CORS header at all, not even ``Vary: Origin``, as from gin-contrib/cors, and
-    costs no wrapper around its answer."""
+    """gin-contrib/cors's ``applyCors`` on Starlette's CORS middleware. A request that is
+    no CORS request (``cors_origin``) passes with no CORS header at all, not even ``Vary:
+    Origin``, and no wrapper around its answer. One from an origin that is not allowed
+    gets 403 with an empty body, before anything runs. The rest get Starlette's headers,
+    and a preflight gin-contrib/cors's answer: 204 and no body; as in gin-contrib/cors,
+    the browser, not the server, compares the requested method and headers with the
+    lists granted."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and cors_origin(Headers(scope=scope)) is None:
+        origin = cors_origin(Headers(scope=scope)) if scope["type"] == "http" else None
+        if origin is None:
             await self.app(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
+        elif not self.is_allowed_origin(origin):
+            await _forbidden()(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
     def preflight_response(self, request_headers: Headers) -> Response:
         answer = super().preflight_response(request_headers)
