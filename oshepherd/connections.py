@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from collections import deque
 from typing import Any
@@ -132,14 +133,10 @@ class _WriteInTask:
             self.socket_timeout = timeout
 
 
-_WRITING_IN_TASK: dict[type[AbstractConnection], type[AbstractConnection]] = {}
-
-
+@functools.cache  # one class per connection class
 def _writing_in_task(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``cls`` with ``_WriteInTask``'s writes (one class per connection class)."""
-    if cls not in _WRITING_IN_TASK:
-        _WRITING_IN_TASK[cls] = type(cls.__name__, (_WriteInTask, cls), {})
-    return _WRITING_IN_TASK[cls]
+    """``cls`` with ``_WriteInTask``'s writes."""
+    return type(cls.__name__, (_WriteInTask, cls), {})
 
 
 async def _ready(connection: AbstractConnection) -> bool:
