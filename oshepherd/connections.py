@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import sys
 from collections import deque
 from typing import Any
@@ -133,10 +132,14 @@ class _WriteInTask:
             self.socket_timeout = timeout
 
 
-@functools.cache  # one class per connection class
+_WRITING_IN_TASK: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
 def _writing_in_task(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``cls`` with ``_WriteInTask``'s writes."""
-    return type(cls.__name__, (_WriteInTask, cls), {})
+    """``cls`` with ``_WriteInTask``'s writes (one class per connection class)."""
+    if cls not in _WRITING_IN_TASK:
+        _WRITING_IN_TASK[cls] = type(cls.__name__, (_WriteInTask, cls), {})
+    return _WRITING_IN_TASK[cls]
 
 
 async def _ready(connection: AbstractConnection) -> bool:
